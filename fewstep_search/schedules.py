@@ -1,0 +1,255 @@
+"""Sampling schedules: a small immutable `Schedule` value and the heuristic families it is compared against.
+
+A schedule is `sigma_max = sigma_N > ... > sigma_1 > sigma_0 = sigma_min` (DESIGN.md section 1), stored as a
+descending float64 array of `nfe + 1` values; a first-order solver spends one network evaluation per interval.
+Exports append a final 0 where the target API expects one (`with_final_zero`).
+
+Every optimizer moves one shared parameterization, the softmax-logit form in log sigma
+(`sigmas_from_logits` / `logits_from_sigmas`): N logits -> N positive log-sigma decrements that sum to
+`log(sigma_max / sigma_min)`, so any logits give a valid schedule with exact endpoints.
+
+Example:
+    >>> from fewstep_search.schedules import karras
+    >>> s = karras(4, sigma_min=0.002, sigma_max=80.0)
+    >>> s.nfe, round(float(s.sigmas[0]), 3), round(float(s.sigmas[-1]), 3)
+    (4, 80.0, 0.002)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fewstep_search.noise import ContinuousVP, DiscreteVP, cosine_alpha_bar
+
+__all__ = [
+    "Schedule",
+    "karras",
+    "log_uniform",
+    "polyexponential",
+    "vp_time_uniform",
+    "vp_time_quadratic",
+    "cosine",
+    "SCHEDULE_FAMILIES",
+    "make_schedule",
+    "sigmas_from_logits",
+    "logits_from_sigmas",
+    "check_range",
+]
+
+
+def check_range(nfe: int, sigma_min: float, sigma_max: float) -> None:
+    """Validate a budget and a noise range with messages a user can act on."""
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)):
+        raise ValueError(f"nfe must be an integer, got {nfe!r}")
+    if nfe < 1:
+        raise ValueError(f"nfe (the number of network evaluations) must be >= 1, got {nfe}")
+    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max)):
+        raise ValueError(f"sigma_min and sigma_max must be finite, got {sigma_min}, {sigma_max}")
+    if sigma_min <= 0:
+        raise ValueError(f"sigma_min must be > 0, got {sigma_min}")
+    if sigma_min >= sigma_max:
+        raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min} >= sigma_max={sigma_max}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Descending float64 noise levels visited by a sampler: first sigma_max, last sigma_min (both > 0).
+
+    Immutable: the array is copied and made read-only, so a schedule can be shared and hashed by value.
+    """
+
+    sigmas: np.ndarray
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        arr = np.array(self.sigmas, dtype=np.float64, copy=True).reshape(-1)
+        if arr.size < 2:
+            raise ValueError(f"a schedule needs at least 2 sigmas, got {arr.size}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"schedule sigmas must be finite, got {arr.tolist()}")
+        if np.any(arr <= 0):
+            raise ValueError(f"schedule sigmas must be positive (append 0 only on export), got {arr.tolist()}")
+        bad = np.nonzero(np.diff(arr) >= 0)[0]
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"schedule sigmas must be strictly decreasing; sigmas[{i}]={arr[i]:.6g} <= sigmas[{i + 1}]={arr[i + 1]:.6g}"
+            )
+        arr.setflags(write=False)
+        object.__setattr__(self, "sigmas", arr)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations for a first-order solver: the number of intervals."""
+        return int(self.sigmas.size - 1)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[-1])
+
+    def tensor(self, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The sigmas as a descending 1-D tensor (what solvers take)."""
+        return torch.tensor(self.sigmas, dtype=dtype, device=device)
+
+    def with_final_zero(self) -> np.ndarray:
+        """Sigmas with a trailing 0.0, as k-diffusion samplers and diffusers' `set_timesteps(sigmas=...)` expect."""
+        return np.append(self.sigmas, 0.0)
+
+    def log_sigmas(self) -> np.ndarray:
+        return np.log(self.sigmas)
+
+    def lambdas(self) -> np.ndarray:
+        """Half log-SNR `lambda = -log sigma` at every node (ascending)."""
+        return -np.log(self.sigmas)
+
+    def vp_timesteps(self, vp: ContinuousVP | DiscreteVP) -> np.ndarray:
+        """The VP times (continuous t in [0, 1], or fractional discrete timesteps) of every node."""
+        return np.asarray(vp.t(self.sigmas), dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "nfe": self.nfe, "sigmas": [float(s) for s in self.sigmas]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Schedule:
+        if not isinstance(data, dict) or "sigmas" not in data:
+            raise ValueError("a schedule JSON object needs a 'sigmas' list")
+        sched = cls(np.asarray(data["sigmas"], dtype=np.float64), name=str(data.get("name", "custom")))
+        if "nfe" in data and int(data["nfe"]) != sched.nfe:
+            raise ValueError(f"schedule JSON says nfe={data['nfe']} but has {sched.nfe + 1} sigmas")
+        return sched
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __repr__(self) -> str:
+        vals = ", ".join(f"{s:.4g}" for s in self.sigmas)
+        return f"Schedule({self.name}, nfe={self.nfe}, sigmas=[{vals}])"
+
+
+# ---------------------------------------------------------------- families
+
+
+def karras(nfe: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Schedule:
+    """EDM schedule (Karras et al. 2022, eq. 5): uniform in sigma^(1/rho)."""
+    check_range(nfe, sigma_min, sigma_max)
+    ramp = np.linspace(0.0, 1.0, nfe + 1)
+    a, b = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    s = (a + ramp * (b - a)) ** rho
+    s[0], s[-1] = sigma_max, sigma_min
+    return Schedule(s, name=f"edm_rho{rho:g}")
+
+
+def log_uniform(nfe: int, sigma_min: float, sigma_max: float) -> Schedule:
+    """Uniform in log sigma, i.e. uniform in logSNR (the DPM-Solver default)."""
+    check_range(nfe, sigma_min, sigma_max)
+    return Schedule(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), nfe + 1)), name="log_uniform")
+
+
+def polyexponential(nfe: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Schedule:
+    """k-diffusion's polyexponential: log sigma interpolated along a ramp^rho (rho=1 is log-uniform)."""
+    check_range(nfe, sigma_min, sigma_max)
+    ramp = np.linspace(1.0, 0.0, nfe + 1) ** rho
+    s = np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    return Schedule(s, name=f"polyexp_rho{rho:g}")
+
+
+def _vp_schedule(
+    nfe: int, sigma_min: float, sigma_max: float, vp: ContinuousVP | DiscreteVP | None, power: float, name: str
+) -> Schedule:
+    check_range(nfe, sigma_min, sigma_max)
+    vp = vp if vp is not None else ContinuousVP()
+    t_hi, t_lo = float(vp.t(sigma_max)), float(vp.t(sigma_min))
+    ramp = np.linspace(1.0, 0.0, nfe + 1)
+    # Spacing uniform in t^(1/power) between the endpoint times (power=1: time-uniform, 2: time-quadratic).
+    t = (t_lo ** (1 / power) + ramp * (t_hi ** (1 / power) - t_lo ** (1 / power))) ** power
+    s = np.asarray(vp.sigma(t), dtype=np.float64)
+    s[0], s[-1] = sigma_max, sigma_min
+    return Schedule(s, name=name)
+
+
+def vp_time_uniform(
+    nfe: int, sigma_min: float, sigma_max: float, vp: ContinuousVP | DiscreteVP | None = None
+) -> Schedule:
+    """Uniform in VP time t (DDPM/DDIM 'linear' spacing); continuous VP-SDE by default, or a DDPM table."""
+    return _vp_schedule(nfe, sigma_min, sigma_max, vp, 1.0, "vp_time_uniform")
+
+
+def vp_time_quadratic(
+    nfe: int, sigma_min: float, sigma_max: float, vp: ContinuousVP | DiscreteVP | None = None
+) -> Schedule:
+    """Uniform in sqrt(t) (DDIM's 'quadratic' time spacing, Song et al. 2021)."""
+    return _vp_schedule(nfe, sigma_min, sigma_max, vp, 2.0, "vp_time_quadratic")
+
+
+def cosine(nfe: int, sigma_min: float, sigma_max: float, s: float = 0.008) -> Schedule:
+    """Time-uniform steps of the iDDPM cosine noise schedule (Nichol & Dhariwal 2021), continuous in t."""
+    check_range(nfe, sigma_min, sigma_max)
+    f0 = float(cosine_alpha_bar(0.0, s))
+
+    def t_of(sig: float) -> float:
+        ab = f0 / (1.0 + sig**2)  # alpha_bar(t) = f(t)/f(0) = 1/(1+sigma^2)
+        return float(np.arccos(np.sqrt(ab)) * 2 / math.pi * (1 + s) - s)
+
+    t = np.linspace(t_of(sigma_max), t_of(sigma_min), nfe + 1)
+    sig = np.sqrt(f0 / cosine_alpha_bar(t, s) - 1.0)
+    sig[0], sig[-1] = sigma_max, sigma_min
+    return Schedule(sig, name="cosine")
+
+
+SCHEDULE_FAMILIES: dict[str, Callable[..., Schedule]] = {
+    "edm": karras,
+    "log_uniform": log_uniform,
+    "polyexponential": polyexponential,
+    "vp_time_uniform": vp_time_uniform,
+    "vp_time_quadratic": vp_time_quadratic,
+    "cosine": cosine,
+}
+
+
+def make_schedule(family: str, nfe: int, sigma_min: float, sigma_max: float, **options: Any) -> Schedule:
+    """Build a heuristic schedule by family name (see `SCHEDULE_FAMILIES`)."""
+    try:
+        fn = SCHEDULE_FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown schedule family {family!r}; known: {', '.join(SCHEDULE_FAMILIES)}") from None
+    return fn(nfe, sigma_min, sigma_max, **options)
+
+
+# ---------------------------------------------------------------- the shared parameterization
+
+
+def sigmas_from_logits(logits: Tensor, sigma_min: float, sigma_max: float) -> Tensor:
+    """Differentiable map from N logits to N+1 descending sigmas with exact endpoints.
+
+    `log sigma_i = log sigma_max - log(sigma_max/sigma_min) * cumsum(softmax(logits))_i`, so every real vector is
+    a valid schedule (no constraints for the optimizer) and the map is smooth.
+    """
+    span = math.log(sigma_max / sigma_min)
+    frac = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
+    zero = torch.zeros_like(frac[..., :1])
+    log_s = math.log(sigma_max) - span * torch.cat([zero, frac], dim=-1)
+    s = torch.exp(log_s)
+    # Pin the endpoints exactly (cumsum of softmax is 1 only up to rounding).
+    s = torch.cat([s[..., :1] * 0 + sigma_max, s[..., 1:-1], s[..., -1:] * 0 + sigma_min], dim=-1)
+    return s
+
+
+def logits_from_sigmas(sigmas: Sequence[float] | np.ndarray | Schedule) -> Tensor:
+    """Inverse of `sigmas_from_logits` (up to an additive constant): logits = log of the log-sigma decrements."""
+    arr = sigmas.sigmas if isinstance(sigmas, Schedule) else np.asarray(sigmas, dtype=np.float64)
+    dec = -np.diff(np.log(arr))
+    if np.any(dec <= 0):
+        raise ValueError("sigmas must be strictly decreasing to convert to logits")
+    return torch.tensor(np.log(dec / dec.sum()), dtype=torch.float64)
