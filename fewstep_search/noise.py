@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "sigma_to_lambda",
@@ -137,3 +141,19 @@ class DiscreteVP:
         idx = np.arange(self.log_sigmas.size, dtype=np.float64)
         t = np.interp(ls, self.log_sigmas, idx)
         return np.rint(t) if nearest else t
+
+    def t_torch(self, sigma: Tensor) -> Tensor:
+        """Differentiable torch twin of `t(sigma)` (interpolated), float64, on `sigma`'s device.
+
+        Same map (piecewise linear in log sigma between trained timesteps, clamped to the table), but autograd
+        flows from the timestep back to sigma, so an objective differentiated through a solver (the direct error)
+        sees how a discrete-time model's output moves with its timestep embedding. Outside the table the
+        timestep is constant and the gradient is 0 (the clamp happens in sigma, so sigma = 0 gives no NaN).
+        """
+        import torch
+
+        table = torch.as_tensor(self.log_sigmas, dtype=torch.float64, device=sigma.device)
+        ls = sigma.to(torch.float64).clamp(self.sigma_min, self.sigma_max).log()
+        hi = torch.searchsorted(table, ls.detach()).clamp(1, table.numel() - 1)
+        lo = hi - 1
+        return lo.to(torch.float64) + (ls - table[lo]) / (table[hi] - table[lo])
