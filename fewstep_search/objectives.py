@@ -1,0 +1,144 @@
+"""Objectives on a bank: the convex-combination weights, the bounds B_0 and B_w, and the true error E.
+
+Notation (DESIGN.md section 1): a schedule is a descending tensor `s = [sigma_N, ..., sigma_0]`, `u = 1/sigma`.
+The first-order solver's output is `x0_hat = (sigma_0/sigma_N) x_N + sum_i w_i D(x_i, sigma_i)` with
+`w_i = sigma_0 (u_{i-1} - u_i)`. Interval i (from sigma_i down to sigma_{i-1}) costs
+
+    c_i = mean_k  g_k(sigma_{i-1}) * integral_{u_i}^{u_{i-1}} ||D*_k(u) - D*_k(u_i)|| du
+
+with `g = sigma * phi` for B_w and `g = sigma_0` for B_0 (DESIGN.md: B_w = B_0 when D ignores x). Because the bound
+is a sum over intervals, its minimum over schedules on the bank grid is a dynamic program (`grid_cost_matrix` +
+`fewstep_search.dp`); `bound` is the same quantity for off-grid schedules, differentiable in `s`, with D*
+interpolated linearly in log sigma and each integral done by Gauss-Legendre quadrature in log sigma.
+
+`true_error` is the quantity that matters: `E(s) = mean_k ||Solve_s(x_N^k) - x0*^k||`, N network evaluations per
+trajectory, differentiable through the solver (LD3).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fewstep_search.bank import Bank
+from fewstep_search.models.base import Denoiser
+from fewstep_search.solvers import get_solver
+
+__all__ = ["BoundKind", "convex_weights", "grid_cost_matrix", "bound", "true_error", "grid_bound"]
+
+BoundKind = Literal["bw", "b0"]
+
+
+def convex_weights(sigmas: Tensor) -> tuple[Tensor, Tensor]:
+    """(w, c): the first-order solver's output is `c x_N + sum_j w_j D(x_j, sigmas[j])`, j = 0..N-1.
+
+    `w_j = sigma_0 (1/sigmas[j+1] - 1/sigmas[j]) >= 0`, `c = sigma_0 / sigma_N`, and `sum w = 1 - c`.
+    """
+    u = 1.0 / sigmas
+    s0 = sigmas[-1]
+    return s0 * (u[1:] - u[:-1]), s0 / sigmas[0]
+
+
+def _gain(bank: Bank, kind: BoundKind) -> Tensor:
+    """g_k(grid_j) [K, M]: sigma * phi for B_w, the constant sigma_0 for B_0."""
+    if kind == "bw":
+        return bank.grid[None, :] * bank.phi.double()
+    if kind == "b0":
+        return torch.full_like(bank.phi, bank.sigma_min, dtype=torch.float64)
+    raise ValueError(f"unknown bound {kind!r}; expected 'bw' or 'b0'")
+
+
+def grid_cost_matrix(bank: Bank, kind: BoundKind = "bw", *, chunk: int = 64) -> Tensor:
+    """C[a, b] (a < b): the cost of one solver step from grid[a] down to grid[b]; +inf elsewhere. [M, M] float64.
+
+    The integral over u is the trapezoid rule on the grid points between a and b. O(M^2 K r) work, in chunks of
+    trajectories so memory stays O(chunk M^2).
+    """
+    m = bank.grid.numel()
+    u = 1.0 / bank.grid  # ascending
+    du = (u[1:] - u[:-1])[None, None, :]  # [1, 1, M-1]
+    gain = _gain(bank, kind)  # [K, M]
+    total = torch.zeros(m, m, dtype=torch.float64)
+    for lo in range(0, bank.n_trajectories, chunk):
+        d = bank.denoised[lo : lo + chunk].double()  # [k, M, r]
+        dist = torch.cdist(d, d, compute_mode="donot_use_mm_for_euclid_dist")  # [k, a, j] = ||D*(j) - D*(a)||
+        trap = 0.5 * (dist[:, :, 1:] + dist[:, :, :-1]) * du  # [k, a, M-1]
+        cum = torch.cat([torch.zeros_like(trap[:, :, :1]), torch.cumsum(trap, dim=2)], dim=2)  # [k, a, j<=b]
+        integral = cum - torch.diagonal(cum, dim1=1, dim2=2)[:, :, None]  # from u_a (not u_0) to u_b
+        total += (gain[lo : lo + chunk, None, :] * integral).sum(0)
+    cost = total / bank.n_trajectories
+    upper = torch.triu(torch.ones(m, m, dtype=torch.bool), diagonal=1)
+    return torch.where(upper, cost, torch.full_like(cost, float("inf")))
+
+
+def grid_bound(cost: Tensor, indices: np.ndarray | list[int]) -> float:
+    """The bound of a schedule whose nodes are grid points `indices` (ascending indices = descending sigmas)."""
+    idx = np.asarray(indices)
+    return float(cost[idx[:-1], idx[1:]].sum())
+
+
+def _interp(values: Tensor, grid: Tensor, sigma: Tensor) -> Tensor:
+    """Linear interpolation in log sigma of per-grid values [K, M, ...] at scalar-tensor sigmas [Q] -> [K, Q, ...]."""
+    lg = torch.log(grid)  # descending
+    pos = (lg[0] - torch.log(sigma)) / (lg[0] - lg[-1]) * (grid.numel() - 1)
+    pos = pos.clamp(0, grid.numel() - 1)
+    lo = pos.detach().floor().long().clamp(max=grid.numel() - 2)
+    frac = (pos - lo.to(pos.dtype)).to(values.dtype)
+    shape = (1, -1) + (1,) * (values.ndim - 2)
+    return values[:, lo] * (1 - frac.reshape(shape)) + values[:, lo + 1] * frac.reshape(shape)
+
+
+def bound(bank: Bank, sigmas: Tensor, kind: BoundKind = "bw", *, quad_points: int = 16) -> Tensor:
+    """B_w or B_0 of an arbitrary schedule (descending, endpoints = the bank's), differentiable in `sigmas`.
+
+    Each interval's integral over u is `integral ||D*(l) - D*(l_i)|| e^{-l} dl` over l = log sigma, by
+    `quad_points`-point Gauss-Legendre; D*, phi interpolated linearly in log sigma on the bank grid.
+    """
+    sigmas = sigmas.to(torch.float64)
+    nodes, weights = np.polynomial.legendre.leggauss(quad_points)
+    nodes_t = torch.tensor((nodes + 1) / 2, dtype=torch.float64)  # on [0, 1]
+    weights_t = torch.tensor(weights / 2, dtype=torch.float64)
+    d_all = bank.denoised.double()
+    gain = _gain(bank, kind)  # [K, M]
+    total = sigmas.new_zeros(())
+    for i in range(sigmas.numel() - 1):
+        hi, lo = sigmas[i], sigmas[i + 1]
+        l_hi, l_lo = torch.log(hi), torch.log(lo)
+        lq = l_lo + (l_hi - l_lo) * nodes_t  # quadrature nodes in log sigma
+        d_q = _interp(d_all, bank.grid, torch.exp(lq))  # [K, Q, r]
+        d_i = _interp(d_all, bank.grid, hi.reshape(1))  # [K, 1, r]
+        dist = (d_q - d_i).norm(dim=-1)  # [K, Q]
+        integral = (dist * torch.exp(-lq) * weights_t).sum(-1) * (l_hi - l_lo)  # [K]
+        g_lo = _interp(gain, bank.grid, lo.reshape(1))[:, 0]  # [K]
+        total = total + (g_lo * integral).mean()
+    return total
+
+
+def true_error(
+    denoiser: Denoiser,
+    bank: Bank,
+    sigmas: Tensor,
+    *,
+    solver: str = "ddim",
+    batch_size: int | None = None,
+) -> Tensor:
+    """E(s) = mean_k ||Solve_s(x_N^k) - x0*^k|| over the bank's trajectories, differentiable in `sigmas`.
+
+    `sigmas` must start at the bank's sigma_max (the trajectories start there) and should end at its sigma_min.
+    Computed in float64 where the model allows; batches of `batch_size` trajectories bound the memory.
+    """
+    if abs(float(sigmas[0].detach()) - bank.sigma_max) > 1e-9 * bank.sigma_max:
+        raise ValueError(f"schedule starts at {float(sigmas[0].detach()):.6g}, the bank at sigma_max={bank.sigma_max:.6g}")
+    solve = get_solver(solver)
+    k = bank.n_trajectories
+    chunk = batch_size or k
+    total = sigmas.new_zeros((), dtype=torch.float64)
+    for lo in range(0, k, chunk):
+        x = bank.x_start[lo : lo + chunk]
+        out = solve(denoiser, x, sigmas.to(x.dtype) if x.dtype != sigmas.dtype else sigmas)
+        err = (out - bank.x_end[lo : lo + chunk].to(out)).flatten(1).norm(dim=1)
+        total = total + err.double().sum()
+    return total / k
