@@ -39,7 +39,7 @@ def refine_on_true_error(
         opt.zero_grad()
         sig = sigmas_from_logits(logits, lo, hi)
         err = true_error(denoiser, fit, sig, solver=solver, batch_size=batch_size)
-        value = float(err)
+        value = err.detach().item()
         if value < best[1]:
             best = (Schedule(sig.detach().numpy(), name=name), value)
         err.backward()

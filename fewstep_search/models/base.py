@@ -53,7 +53,7 @@ class CheckedDenoiser:
     def __init__(self, inner: Denoiser, *, name: str | None = None) -> None:
         self.inner = inner
         self.name = name or type(inner).__name__
-        for attr in ("sigma_min", "sigma_max", "prediction_type"):
+        for attr in ("sigma_min", "sigma_max", "prediction_type", "shape"):
             if hasattr(inner, attr):
                 setattr(self, attr, getattr(inner, attr))
 

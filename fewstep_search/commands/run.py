@@ -1,0 +1,62 @@
+"""`fewstep-search run --budget N [--study FILE] [--out DIR]`: the main job.
+
+Today: Phase-1 in process (heuristics, B_w dynamic program, true-error refinement, held-out selection) on the
+study's model, written to a resumable run directory. Phase-2 (fine-tuning) and the Ray search plug in here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="search a schedule for a model (main job)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=int, default=None, help="NFE budget (number of solver steps); default: study's nfe")
+    p.add_argument("--study", type=Path, default=None, help="study TOML file (default: built-in digits model)")
+    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (resumable)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewstep_search.study import load_study
+
+    config = load_study(args.study)
+    if args.budget is not None:
+        if args.budget < 1:
+            raise ValueError(f"--budget must be >= 1 network evaluation, got {args.budget}")
+        config = config.with_overrides(nfe=args.budget)
+    if args.dry_run:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+
+    from rich.console import Console
+
+    from fewstep_search.models.loading import load_model
+    from fewstep_search.pipeline import phase1_in_process
+    from fewstep_search.report import candidates_table
+    from fewstep_search.rundir import RunDir
+
+    console = Console(stderr=False)
+    rundir = RunDir(args.out)
+    rundir.prepare(config)
+    t0 = time.perf_counter()
+    spec = config.model
+    denoiser = load_model(spec.kind, path=spec.path, factory=spec.factory, options=spec.options, device=config.device)
+    console.print(f"[bold]model[/bold] {spec.model_id}  [bold]budget[/bold] {config.nfe} NFE  "
+                  f"[bold]run dir[/bold] {rundir.path}")
+    result = phase1_in_process(denoiser, config, rundir, progress=not args.quiet, console=console)
+    console.print(candidates_table(result["candidates"], title=f"Phase-1 candidates (NFE = {config.nfe})"))
+    best = rundir.write_best(result["best"])
+    console.print("sigmas: " + ", ".join(f"{s:.5g}" for s in result["best"]["sigmas"]))
+    console.print(f"best schedule ({result['best']['name']}): held-out E {result['best']['heldout_error']:.4f}, "
+                  f"{result['best']['heldout_vs_best_heuristic']:.3f}x the best heuristic -> {best}")
+    console.print(f"total {time.perf_counter() - t0:.1f} s")
+    sys.stdout.flush()
+    return 0

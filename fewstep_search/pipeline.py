@@ -1,0 +1,70 @@
+"""Glue from a validated study to results in a run directory (no math here; see optimize.py, bank.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from fewstep_search.bank import build_bank
+from fewstep_search.models.base import Denoiser, sigma_range
+from fewstep_search.optimize import search_in_process
+from fewstep_search.rundir import RunDir
+from fewstep_search.study import StudyConfig
+
+__all__ = ["resolve_range", "resolve_shape", "phase1_in_process"]
+
+
+def resolve_range(denoiser: Denoiser, config: StudyConfig) -> tuple[float, float]:
+    """The study's sigma range, else the model's advertised one."""
+    lo, hi = sigma_range(denoiser, default=(0.002, 80.0))
+    lo = config.model.sigma_min or lo
+    hi = config.model.sigma_max or hi
+    if lo >= hi:
+        raise ValueError(f"model sigma range is empty: sigma_min={lo} >= sigma_max={hi}")
+    return lo, hi
+
+
+def resolve_shape(denoiser: Denoiser, config: StudyConfig) -> tuple[int, ...]:
+    shape = config.model.shape or getattr(denoiser, "shape", None)
+    if not shape:
+        raise ValueError("the model does not advertise its sample shape; set model.shape in the study file")
+    return tuple(int(s) for s in shape)
+
+
+def phase1_in_process(
+    denoiser: Denoiser, config: StudyConfig, rundir: RunDir, *, progress: bool, console: Console, round_index: int = 1
+) -> dict[str, Any]:
+    """Round `round_index` of Phase-1 in process; resumes from the run directory when that round is finished."""
+    done = rundir.finished_round(round_index)
+    if done is not None:
+        console.print(f"round {round_index} already finished in {rundir.round_dir(round_index)}; reusing it")
+        return done
+    sigma_min, sigma_max = resolve_range(denoiser, config)
+    shape = resolve_shape(denoiser, config)
+    b = config.bank
+    expect = {"model_id": config.model.model_id, "sigma_min": sigma_min, "sigma_max": sigma_max, "shape": list(shape),
+              "n_trajectories": b.n_trajectories, "grid_size": b.grid_size, "seed": b.seed}
+    bank = rundir.bank(
+        expect,
+        lambda: build_bank(
+            denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, model_id=config.model.model_id,
+            progress=progress, device=config.device, **b.model_dump(),
+        ),
+    )
+    p1 = config.phase1
+    result = search_in_process(
+        denoiser, nfe=config.nfe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, bank=bank,
+        heuristics=p1.heuristics, refine_starts=p1.refine_starts, refine_steps=p1.refine_steps, lr=p1.lr,
+        solver=p1.solver, batch_size=b.batch_size,
+    )
+    ref = result.best_heuristic.heldout_error
+    cands = [
+        {**c.schedule.to_dict(), "kind": c.kind, "fit_error": c.fit_error, "heldout_error": c.heldout_error,
+         "heldout_vs_best_heuristic": c.heldout_error / ref, "seconds": c.seconds}
+        for c in result.candidates
+    ]
+    best = min(cands, key=lambda c: c["heldout_error"])
+    metrics = {"round": round_index, "nfe": config.nfe, "best": best, "candidates": cands, "timings": result.timings}
+    rundir.write_round(round_index, best, metrics)
+    return metrics
