@@ -59,7 +59,7 @@ def check_range(nfe: int, sigma_min: float, sigma_max: float) -> None:
         raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min} >= sigma_max={sigma_max}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """Descending float64 noise levels visited by a sampler: first sigma_max, last sigma_min (both > 0).
 
@@ -85,6 +85,12 @@ class Schedule:
             )
         arr.setflags(write=False)
         object.__setattr__(self, "sigmas", arr)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and bool(np.array_equal(self.sigmas, other.sigmas))
+
+    def __hash__(self) -> int:
+        return hash(self.sigmas.tobytes())
 
     @property
     def nfe(self) -> int:
@@ -154,7 +160,9 @@ def karras(nfe: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Sc
 def log_uniform(nfe: int, sigma_min: float, sigma_max: float) -> Schedule:
     """Uniform in log sigma, i.e. uniform in logSNR (the DPM-Solver default)."""
     check_range(nfe, sigma_min, sigma_max)
-    return Schedule(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), nfe + 1)), name="log_uniform")
+    s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), nfe + 1))
+    s[0], s[-1] = sigma_max, sigma_min
+    return Schedule(s, name="log_uniform")
 
 
 def polyexponential(nfe: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Schedule:
@@ -162,6 +170,7 @@ def polyexponential(nfe: int, sigma_min: float, sigma_max: float, rho: float = 1
     check_range(nfe, sigma_min, sigma_max)
     ramp = np.linspace(1.0, 0.0, nfe + 1) ** rho
     s = np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    s[0], s[-1] = sigma_max, sigma_min
     return Schedule(s, name=f"polyexp_rho{rho:g}")
 
 

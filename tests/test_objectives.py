@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep_search.bank import build_bank
+from fewstep_search.dp import dp_optimal
+from fewstep_search.objectives import bound, grid_bound, grid_cost_matrix, true_error
+from fewstep_search.schedules import Schedule, make_schedule
+from fewstep_search.solvers import get_solver
+
+
+def _x_blind(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A denoiser that ignores x (its flow Jacobian is sigma_0/sigma exactly)."""
+    return torch.stack([torch.sin(torch.log(sigma)), torch.cos(torch.log(sigma))], 1).to(x)
+
+
+def test_bw_equals_b0_when_the_denoiser_ignores_x() -> None:
+    b = build_bank(_x_blind, shape=(2,), sigma_min=0.01, sigma_max=20.0, n_trajectories=8, grid_size=32,
+                   gain_substeps=4)  # RK4 Jacobian error ~ cells * h^5/120: 4 sub-steps make it ~1e-7
+    cw, c0 = grid_cost_matrix(b, "bw"), grid_cost_matrix(b, "b0")
+    finite = torch.isfinite(c0)
+    torch.testing.assert_close(cw[finite], c0[finite], rtol=1e-5, atol=1e-12)
+    s = make_schedule("edm", 5, 0.01, 20.0).tensor()
+    torch.testing.assert_close(bound(b, s, "bw"), bound(b, s, "b0"), rtol=1e-5, atol=0)
+
+
+def test_dp_equals_brute_force() -> None:
+    gen = torch.Generator().manual_seed(3)
+    m, nfe = 9, 3
+    cost = torch.rand(m, m, generator=gen, dtype=torch.float64)
+    cost = torch.where(torch.triu(torch.ones(m, m, dtype=torch.bool), 1), cost, torch.full_like(cost, np.inf))
+    idx, value = dp_optimal(cost, nfe)
+    best = min(
+        (grid_bound(cost, [0, *mid, m - 1]), [0, *mid, m - 1])
+        for mid in itertools.combinations(range(1, m - 1), nfe - 1)
+    )
+    assert value == pytest.approx(best[0], rel=1e-12)
+    assert list(idx) == best[1]
+
+
+def test_dp_on_a_real_bank_beats_every_grid_heuristic_on_its_bound(bank8) -> None:
+    cost = grid_cost_matrix(bank8.fit(), "bw")
+    idx, value = dp_optimal(cost, 4)
+    assert idx[0] == 0 and idx[-1] == bank8.grid.numel() - 1 and np.all(np.diff(idx) > 0)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mid = np.sort(rng.choice(np.arange(1, bank8.grid.numel() - 1), 3, replace=False))
+        assert value <= grid_bound(cost, [0, *mid, bank8.grid.numel() - 1]) + 1e-12
+
+
+def test_continuous_bound_agrees_with_the_grid_cost_on_grid_schedules(bank8) -> None:
+    fit = bank8.fit()
+    cost = grid_cost_matrix(fit, "bw")
+    idx = [0, 7, 20, 33, 47]
+    sig = bank8.grid[idx]
+    assert float(bound(fit, sig, "bw", quad_points=32)) == pytest.approx(grid_bound(cost, idx), rel=0.03)
+
+
+def test_bounds_and_true_error_are_differentiable(bank8, mixture8) -> None:
+    logits = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    from fewstep_search.schedules import sigmas_from_logits
+
+    sig = sigmas_from_logits(logits, 0.002, 80.0)
+    for value in (bound(bank8, sig, "bw"), bound(bank8, sig, "b0"), true_error(mixture8, bank8, sig)):
+        (g,) = torch.autograd.grad(value, logits, retain_graph=True)
+        assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
+
+
+def test_true_error_matches_a_direct_computation(bank8, mixture8) -> None:
+    s = make_schedule("edm", 6, 0.002, 80.0)
+    out = get_solver("ddim")(mixture8, bank8.x_start, s.tensor())
+    expect = (out - bank8.x_end).norm(dim=1).mean()
+    assert float(true_error(mixture8, bank8, s.tensor(), batch_size=10)) == pytest.approx(float(expect), rel=1e-12)
+    with pytest.raises(ValueError, match="starts at"):
+        true_error(mixture8, bank8, Schedule(np.array([10.0, 1.0, 0.002])).tensor())
+
+
+def test_b0_ignores_propagation_and_underestimates_the_true_error(bank8, mixture8) -> None:
+    """DESIGN.md's finding: B_0 sits below the true error, B_w (with the gain) is much larger."""
+    held = bank8.heldout()
+    for fam in ("edm", "log_uniform", "vp_time_uniform"):
+        s = make_schedule(fam, 5, 0.002, 80.0).tensor()
+        e = float(true_error(mixture8, held, s))
+        assert float(bound(held, s, "b0")) < e
+        assert float(bound(held, s, "bw")) > float(bound(held, s, "b0"))
