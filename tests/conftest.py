@@ -27,6 +27,10 @@ def bank8(mixture8: GaussianMixture) -> Bank:
                       grid_size=48, seed=0, model_id="mixture8")
 
 
+# Tests use small tensors: one intra-op thread avoids oversubscribing CI's 2 cores (Ray workers, pytest).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

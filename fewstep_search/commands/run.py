@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (resumable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--in-process", action="store_true",
+                   help="run Phase-1 in this process (no Ray): heuristics, B_w-DP, true-error refinement")
     p.set_defaults(handler=run)
 
 
