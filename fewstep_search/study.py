@@ -35,7 +35,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Which denoiser to load (see docs/models.md): a built-in, a diffusers folder, or a user factory."""
 
-    kind: Literal["digits", "mixture", "diffusers", "factory"] = "digits"
+    kind: Literal["digits", "mixture", "diffusers", "edm", "factory"] = "digits"
     path: str | None = None
     factory: str | None = Field(default=None, description="'module:function' or 'file.py:function' (user code)")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -56,8 +56,8 @@ class ModelSpec(_Strict):
     def _needs(self) -> ModelSpec:
         if self.kind == "diffusers" and not self.path:
             raise ValueError("model.kind = 'diffusers' needs model.path (a local folder)")
-        if self.kind == "factory" and not self.factory:
-            raise ValueError("model.kind = 'factory' needs model.factory = 'module:function'")
+        if self.kind in ("factory", "edm") and not self.factory:
+            raise ValueError(f"model.kind = '{self.kind}' needs model.factory = 'module:function'")
         return self
 
 

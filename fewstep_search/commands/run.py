@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     rundir.prepare(config)
     t0 = time.perf_counter()
     spec = config.model
-    denoiser = load_model(spec.kind, path=spec.path, factory=spec.factory, options=spec.options, device=config.device)
+    denoiser = load_model(spec.kind, path=spec.path, factory=spec.factory, options=spec.options, device=config.device,
+                          base_dir=args.study.parent if args.study else None)
     console.print(f"[bold]model[/bold] {spec.model_id}  [bold]budget[/bold] {config.nfe} NFE  "
                   f"[bold]run dir[/bold] {rundir.path}")
     result = phase1_in_process(denoiser, config, rundir, progress=not args.quiet, console=console)
