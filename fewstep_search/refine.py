@@ -1,18 +1,16 @@
 """Gradient refinement of a schedule on the true error E over the fit trajectories (the LD3 idea).
 
-The schedule moves in the shared softmax-logit parameterization (`fewstep_search.schedules.sigmas_from_logits`),
-so every step keeps it valid with exact endpoints. Adam, with the best iterate kept (E is non-convex and noisy in
-the logits, and the last iterate is not always the best).
+A thin wrapper kept for the in-process Phase-1 (`fewstep_search.optimize`): the optimizer itself is the
+search's `Adam` (`fewstep_search.search.optimizers`) on the `direct` objective in the shared softmax-logit
+parameterization (`fewstep_search.schedules.sigmas_from_logits`), so every step keeps the schedule valid with
+exact endpoints, and the best iterate is kept (E is non-convex and noisy in the logits).
 """
 
 from __future__ import annotations
 
-import torch
-
 from fewstep_search.bank import Bank
 from fewstep_search.models.base import Denoiser
-from fewstep_search.objectives import true_error
-from fewstep_search.schedules import Schedule, logits_from_sigmas, sigmas_from_logits
+from fewstep_search.schedules import Schedule
 
 __all__ = ["refine_on_true_error"]
 
@@ -29,19 +27,14 @@ def refine_on_true_error(
     name: str = "refined",
 ) -> tuple[Schedule, float]:
     """Minimize E(s) on `fit` from `start`; returns (best schedule seen, its fit E)."""
+    from fewstep_search.search.optimizers import Adam
+    from fewstep_search.search.parameterizations import Logits
+    from fewstep_search.search.problem import Problem
+
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    lo, hi = start.sigma_min, start.sigma_max
-    logits = logits_from_sigmas(start).clone().requires_grad_(True)
-    opt = torch.optim.Adam([logits], lr=lr)
-    best = (start, float("inf"))
-    for _ in range(steps + 1):
-        opt.zero_grad()
-        sig = sigmas_from_logits(logits, lo, hi)
-        err = true_error(denoiser, fit, sig, solver=solver, batch_size=batch_size)
-        value = err.detach().item()
-        if value < best[1]:
-            best = (Schedule(sig.detach().numpy(), name=name), value)
-        err.backward()
-        opt.step()
-    return best
+    param = Logits(nfe=start.nfe, sigma_min=start.sigma_min, sigma_max=start.sigma_max)
+    problem = Problem(objective="direct", parameterization=param, fit=fit, denoiser=denoiser, solver=solver,
+                      batch_size=batch_size)
+    result = Adam(steps=steps, lr=lr).minimize(problem, start)
+    return Schedule(result.schedule.sigmas, name=name), result.value

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fewstep_search.search.config import SearchSpec
+
 __all__ = ["ModelSpec", "BankSpec", "RefineSpec", "StudyConfig", "StudyError", "load_study"]
 
 
@@ -92,6 +94,7 @@ class StudyConfig(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     bank: BankSpec = Field(default_factory=BankSpec)
     phase1: RefineSpec = Field(default_factory=RefineSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
     device: str = "cpu"
 
     def with_overrides(self, **changes: Any) -> StudyConfig:

@@ -1,0 +1,180 @@
+"""One trial's problem: minimize an objective of `parameterization.decode(theta)` on the fit trajectories.
+
+Objectives (DESIGN.md section 1), all functions of a descending sigma tensor, differentiable:
+
+| name   | what                                                    | needs the model | additive (grid DP) |
+|--------|---------------------------------------------------------|-----------------|--------------------|
+| bw     | B_w, the propagation-weighted bound                     | no              | yes                |
+| b0     | B_0, the plain convex-combination bound                 | no              | yes                |
+| direct | E, the true error of the first-order solve (LD3)        | yes             | no                 |
+
+A `Problem` also keeps score of every evaluation (count, best value, best schedule), so every optimizer
+returns the best point it evaluated, whatever its own notion of a final iterate (E is non-convex; line
+searches overshoot).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fewstep_search.bank import Bank
+from fewstep_search.models.base import Denoiser
+from fewstep_search.objectives import BoundKind, bound, grid_cost_matrix, true_error
+from fewstep_search.schedules import Schedule
+from fewstep_search.search.parameterizations import Parameterization
+
+__all__ = ["Objective", "OBJECTIVES", "Problem"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A named objective; `additive`: the grid-cost kind when it is a sum over intervals (DP is exact)."""
+
+    name: str
+    needs_model: bool
+    additive: BoundKind | None
+    evaluate: Callable[[Problem, Tensor], Tensor]
+
+
+def _bound(kind: BoundKind) -> Callable[[Problem, Tensor], Tensor]:
+    return lambda problem, sigmas: bound(problem.fit, sigmas, kind)
+
+
+def _direct(problem: Problem, sigmas: Tensor) -> Tensor:
+    if problem.denoiser is None:
+        raise ValueError("the 'direct' objective needs a denoiser")
+    return true_error(
+        problem.denoiser, problem.fit, sigmas, solver=problem.solver, batch_size=problem.batch_size
+    )
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "bw": Objective("bw", needs_model=False, additive="bw", evaluate=_bound("bw")),
+    "b0": Objective("b0", needs_model=False, additive="b0", evaluate=_bound("b0")),
+    "direct": Objective("direct", needs_model=True, additive=None, evaluate=_direct),
+}
+
+
+def get_objective(name: str) -> Objective:
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}") from None
+
+
+class Problem:
+    """`minimize_theta objective(parameterization.decode(theta))` on `fit`, with every evaluation recorded.
+
+    Args:
+        objective: a name in `OBJECTIVES`.
+        parameterization: the coordinates (built for the same nfe and the bank's sigma range).
+        fit: the bank's fit trajectories (never the held-out ones).
+        denoiser: needed by `direct`.
+        solver, batch_size: how `direct` solves (see `fewstep_search.objectives.true_error`).
+        seed: for optimizers with randomness (samplers).
+    """
+
+    def __init__(
+        self,
+        *,
+        objective: str,
+        parameterization: Parameterization,
+        fit: Bank,
+        denoiser: Denoiser | None = None,
+        solver: str = "ddim",
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.objective = get_objective(objective)
+        if self.objective.needs_model and denoiser is None:
+            raise ValueError(f"objective {objective!r} needs a denoiser")
+        p = parameterization
+        if not (
+            math.isclose(p.sigma_max, fit.sigma_max, rel_tol=1e-9)
+            and math.isclose(p.sigma_min, fit.sigma_min, rel_tol=1e-9)
+        ):
+            raise ValueError(
+                f"parameterization spans [{p.sigma_min:g}, {p.sigma_max:g}], "
+                f"the bank [{fit.sigma_min:g}, {fit.sigma_max:g}]"
+            )
+        self.parameterization = parameterization
+        self.fit, self.denoiser = fit, denoiser
+        self.solver, self.batch_size, self.seed = solver, batch_size, int(seed)
+        self.evaluations = 0
+        self.best_value = math.inf
+        self.best_schedule: Schedule | None = None
+        self._cost: Tensor | None = None
+
+    @property
+    def nfe(self) -> int:
+        return self.parameterization.nfe
+
+    def derive(
+        self, *, objective: str | None = None, parameterization: Parameterization | None = None
+    ) -> Problem:
+        """The same bank and model with another objective or parameterization, and a fresh record (chains)."""
+        return Problem(
+            objective=objective or self.objective.name,
+            parameterization=parameterization or self.parameterization,
+            fit=self.fit,
+            denoiser=self.denoiser,
+            solver=self.solver,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+
+    # ------------------------------------------------------------ evaluation
+
+    def sigmas_loss(self, sigmas: Tensor) -> Tensor:
+        """The objective of a schedule (descending sigmas tensor), differentiable; recorded."""
+        loss = self.objective.evaluate(self, sigmas)
+        value = float(loss.detach())
+        self.evaluations += 1
+        if math.isfinite(value) and value < self.best_value:
+            self.best_value = value
+            self.best_schedule = Schedule(sigmas.detach().double().numpy(), name=self.parameterization.name)
+        return loss
+
+    def loss(self, theta: Tensor) -> Tensor:
+        """The objective of theta, differentiable (theta float64 [P])."""
+        return self.sigmas_loss(self.parameterization.decode(theta))
+
+    def value(self, theta: np.ndarray | Tensor) -> float:
+        """The objective of theta, without gradients."""
+        with torch.no_grad():
+            return float(self.loss(torch.as_tensor(np.asarray(theta, dtype=np.float64))))
+
+    def value_of(self, schedule: Schedule) -> float:
+        """The objective of a schedule (any schedule with the bank's endpoints, not only the family's)."""
+        with torch.no_grad():
+            return float(self.sigmas_loss(schedule.tensor()))
+
+    def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """(objective, d objective / d theta) for scipy-style optimizers."""
+        th = torch.tensor(np.asarray(theta, dtype=np.float64), requires_grad=True)
+        loss = self.loss(th)
+        (grad,) = torch.autograd.grad(loss, th)
+        return float(loss.detach()), grad.numpy().copy()
+
+    def cost_matrix(self) -> Tensor:
+        """The [M, M] grid cost of an additive objective (cached); ValueError for `direct`."""
+        if self.objective.additive is None:
+            raise ValueError(f"objective {self.objective.name!r} is not additive over intervals; no grid DP")
+        if self._cost is None:
+            self._cost = grid_cost_matrix(self.fit, self.objective.additive)
+        return self._cost
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "objective": self.objective.name,
+            "parameterization": self.parameterization.name,
+            "evaluations": self.evaluations,
+            "best_value": self.best_value,
+        }
