@@ -155,8 +155,6 @@ def _ray_session(*, workers: int | None, address: str | None) -> Iterator[None]:
     """Use a running Ray, attach to `address`, or start a local one with `workers` CPUs; stop only our own."""
     import ray
 
-    for k, v in _QUIET_ENV.items():
-        os.environ.setdefault(k, v)
     started = False
     if not ray.is_initialized():
         if address is not None:
@@ -175,6 +173,18 @@ def _ray_session(*, workers: int | None, address: str | None) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _quiet_env() -> Iterator[None]:
+    """Set the `_QUIET_ENV` variables the user has not set, for the search only (restored after)."""
+    added = {k: v for k, v in _QUIET_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 @contextlib.contextmanager
@@ -247,7 +257,7 @@ def run_search(
         "threads": max(1, int(cpus_per_trial)),
         "extra_optimizers": dict(extra_optimizers or {}),
     }
-    with _ray_session(workers=workers, address=address):
+    with _quiet_env(), _ray_session(workers=workers, address=address):
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, bank=bank, model=model, context=context), {"cpu": cpus_per_trial}
         )
