@@ -201,7 +201,10 @@ def test_a_flaky_trial_is_retried_and_a_broken_one_is_recorded_failed(
     assert {r.spec.key for r in record.records()} == {s.key for s in specs}
 
 
-def test_search_command_writes_the_best_schedule(ray_cluster: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["search", "run"])
+def test_search_and_run_commands_write_the_best_schedule(
+    ray_cluster: None, tmp_path: Path, command: str
+) -> None:
     from fewstep_search.cli import main
 
     study = tmp_path / "study.toml"
@@ -212,15 +215,13 @@ def test_search_command_writes_the_best_schedule(ray_cluster: None, tmp_path: Pa
         '[[search.trials]]\noptimizer = "dp"\nparameterization = "grid"\n'
     )
     out = tmp_path / "run"
-    assert (
-        main(
-            ["search", "--budget", "3", "--study", str(study), "--out", str(out), "--workers", "2", "--quiet"]
-        )
-        == 0
-    )
+    argv = [command, "--budget", "3", "--study", str(study), "--out", str(out), "--workers", "2", "--quiet"]
+    assert main(argv) == 0
     best = json.loads((out / "best" / "schedule.json").read_text())
     assert best["nfe"] == 3 and len(best["sigmas"]) == 4
     assert (out / "optuna.db").is_file() and (out / "round_1" / "metrics.json").is_file()
+    metrics = json.loads((out / "round_1" / "metrics.json").read_text())
+    assert metrics["engine"] == "ray" and len(metrics["candidates"]) == 3
 
 
 # ---------------------------------------------------------------- no Ray needed

@@ -1,7 +1,9 @@
 """`fewstep-search run --budget N [--study FILE] [--out DIR]`: the main job.
 
-Today: Phase-1 in process (heuristics, B_w dynamic program, true-error refinement, held-out selection) on the
-study's model, written to a resumable run directory. Phase-2 (fine-tuning) and the Ray search plug in here.
+Phase-1 is the Ray Tune search (`fewstep-search search`: optimizers x parameterizations x objectives, every
+trial recorded in the Optuna study DIR/optuna.db, the winner chosen on held-out E); `--in-process` runs the
+smaller in-process Phase-1 instead (heuristics, B_w dynamic program, true-error refinement), without Ray.
+Results go to a resumable run directory (DIR/round_1/, DIR/best/schedule.json). Phase-2 plugs in here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from fewstep_search.commands.search import add_search_options, apply_search_overrides
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--in-process", action="store_true",
                    help="run Phase-1 in this process (no Ray): heuristics, B_w-DP, true-error refinement")
+    add_search_options(p)
     p.set_defaults(handler=run)
 
 
@@ -34,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if args.budget < 1:
             raise ValueError(f"--budget must be >= 1 network evaluation, got {args.budget}")
         config = config.with_overrides(nfe=args.budget)
+    config = apply_search_overrides(config, args)
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
@@ -54,8 +60,18 @@ def run(args: argparse.Namespace) -> int:
                           base_dir=args.study.parent if args.study else None)
     console.print(f"[bold]model[/bold] {spec.model_id}  [bold]budget[/bold] {config.nfe} NFE  "
                   f"[bold]run dir[/bold] {rundir.path}")
-    result = phase1_in_process(denoiser, config, rundir, progress=not args.quiet, console=console)
-    console.print(candidates_table(result["candidates"], title=f"Phase-1 candidates (NFE = {config.nfe})"))
+    if args.in_process:
+        result = phase1_in_process(denoiser, config, rundir, progress=not args.quiet, console=console)
+        title = f"Phase-1 candidates (NFE = {config.nfe})"
+        console.print(candidates_table(result["candidates"], title=title))
+    else:
+        from fewstep_search.search.phase1 import phase1_search, print_outcome, resolve_model_source
+
+        source = resolve_model_source(config, study_path=args.study)
+        outcome = phase1_search(denoiser, config, rundir, model=source, console=console,
+                                progress=not args.quiet)
+        print_outcome(outcome, console=console, nfe=config.nfe)
+        result = outcome.metrics
     best = rundir.write_best(result["best"])
     console.print("sigmas: " + ", ".join(f"{s:.5g}" for s in result["best"]["sigmas"]))
     console.print(f"best schedule ({result['best']['name']}): held-out E {result['best']['heldout_error']:.4f}, "

@@ -56,6 +56,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def apply_search_overrides(config: Any, args: argparse.Namespace) -> Any:
+    """The study with `--workers`, `--address`, `--storage` applied to its [search] table, validated again."""
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    changes = {k: getattr(args, k) for k in ("workers", "address", "storage") if getattr(args, k) is not None}
+    if not changes:
+        return config
+    return config.with_overrides(search=config.search.model_copy(update=changes).model_dump())
+
+
 def resolve_config(args: argparse.Namespace) -> Any:
     """The study with the command-line overrides applied (budget, workers, address, storage), validated."""
     from fewstep_search.study import load_study
@@ -65,12 +75,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if args.budget < 1:
             raise ValueError(f"--budget must be >= 1 network evaluation, got {args.budget}")
         config = config.with_overrides(nfe=args.budget)
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    changes = {k: getattr(args, k) for k in ("workers", "address", "storage") if getattr(args, k) is not None}
-    if changes:
-        config = config.with_overrides(search=config.search.model_copy(update=changes).model_dump())
-    return config
+    return apply_search_overrides(config, args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print_outcome(outcome, console=console, nfe=config.nfe)
-    path = rundir.write_best(outcome.metrics["best"])
-    console.print(f"-> {path}  (total {time.perf_counter() - t0:.1f} s)")
+    best = outcome.metrics["best"]
+    path = rundir.write_best(best)
+    console.print("sigmas: " + ", ".join(f"{s:.5g}" for s in best["sigmas"]))
+    console.print(
+        f"winner ({best['name']}): held-out E {best['heldout_error']:.4f}, "
+        f"{best['heldout_vs_best_heuristic']:.3f}x the best heuristic -> {path}"
+    )
+    console.print(f"total {time.perf_counter() - t0:.1f} s")
     return 0

@@ -29,7 +29,16 @@ from fewstep_search.search.select import best_heuristic, candidate_row, select_w
 from fewstep_search.search.trials import OptimizerFactory, TrialRecord
 from fewstep_search.study import StudyConfig
 
-__all__ = ["SearchOutcome", "phase1_search", "record_location", "study_name", "RECORD_FILE"]
+__all__ = [
+    "RECORD_FILE",
+    "SearchOutcome",
+    "load_bank_for",
+    "phase1_search",
+    "print_outcome",
+    "record_location",
+    "resolve_model_source",
+    "study_name",
+]
 
 RECORD_FILE = "optuna.json"
 """Run-directory file naming the Optuna record (storage URL without password, studies), for `dashboard`."""
@@ -216,24 +225,15 @@ def phase1_search(
 
 
 def print_outcome(outcome: SearchOutcome, *, console: Console, nfe: int) -> None:
-    """The final table (every trial) and the winner line."""
+    """The final table (every trial, or a finished round's candidates) and where the Optuna record is."""
     from fewstep_search.report import candidates_table
 
     m = outcome.metrics
     if outcome.records:
-        console.print(
-            trials_table(
-                outcome.records, title=f"Phase-1 search, every trial (NFE = {nfe})", winner=outcome.winner
-            )
-        )
+        title = f"Phase-1 search, every trial (NFE = {nfe})"
+        console.print(trials_table(outcome.records, title=title, winner=outcome.winner))
     else:
         console.print(candidates_table(m["candidates"], title=f"Phase-1 candidates (NFE = {nfe})"))
-    b = m["best"]
-    console.print("sigmas: " + ", ".join(f"{x:.5g}" for x in b["sigmas"]))
-    console.print(
-        f"winner ({b['name']}): held-out E {b['heldout_error']:.4f}, "
-        f"{b['heldout_vs_best_heuristic']:.3f}x the best heuristic"
-    )
     if "optuna" in m:
         console.print(
             f"every trial is in the Optuna study {m['optuna']['study']!r} at {m['optuna']['storage']}"
