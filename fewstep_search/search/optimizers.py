@@ -326,8 +326,9 @@ class CMAES(_OptunaSampler):
     """Optuna's CMA-ES sampler (needs the `cmaes` package), centred on the start with a quarter-box step."""
 
     name = "cmaes"
-    SIGMA0_FRACTION = 0.25
-    """Initial step as a fraction of the narrowest box side: a local search around the start."""
+    SIGMA0 = 0.05
+    """Initial step, in Optuna's CMA-ES units (each coordinate scaled to [0, 1] over its box): a local search
+    around the start. Its default (1/6) jumps so far that E at the samples is worse than at a good start."""
 
     def sampler(self, *, x0: dict[str, float], box: tuple[np.ndarray, np.ndarray], seed: int) -> Any:
         import optuna
@@ -336,7 +337,7 @@ class CMAES(_OptunaSampler):
             import cmaes  # noqa: F401
         except ImportError:
             raise ValueError("optimizer 'cmaes' needs the 'cmaes' package: pip install cmaes") from None
-        sigma0 = self.SIGMA0_FRACTION * float(np.min(box[1] - box[0]))
+        sigma0 = self.SIGMA0
         with warnings.catch_warnings():
             # x0 / sigma0 are deprecated since Optuna 4.9 (removal planned for 6.0); without them CMA-ES
             # starts from the box centre, and the enqueued start trial is still evaluated first.
