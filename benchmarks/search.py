@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", nargs="+", type=int, default=[4, 6, 10])
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--oracle-steps", type=int, default=1000, help="Adam steps per oracle start")
-    ap.add_argument("--cache", type=Path, default=Path("benchmarks/.cache"), help="where banks are kept")
+    ap.add_argument("--cache", type=Path, default=Path("runs/benchmark_banks"), help="where banks are kept")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
     import ray

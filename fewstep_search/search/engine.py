@@ -16,6 +16,7 @@ Custom optimizers (not in the registry) travel with the trainable: `extra_optimi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -257,9 +258,10 @@ def run_search(
         "threads": max(1, int(cpus_per_trial)),
         "extra_optimizers": dict(extra_optimizers or {}),
     }
+    lean = dataclasses.replace(bank, states=None)  # trials never read the trajectory states: half the bytes
     with _quiet_env(), _ray_session(workers=workers, address=address):
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, bank=bank, model=model, context=context), {"cpu": cpus_per_trial}
+            tune.with_parameters(_trainable, bank=lean, model=model, context=context), {"cpu": cpus_per_trial}
         )
         tuner = tune.Tuner(
             trainable,
