@@ -103,7 +103,8 @@ def _trainable(config: dict[str, Any], *, bank: Bank, model: ModelSource, contex
         batch_size=context["batch_size"],
         extra_optimizers=context["extra_optimizers"],
     )
-    tune.report({"heldout_error": record.heldout_error, "record": json.dumps(record.to_report())})
+    # The scores as Tune metrics (its result table), and the whole record (schedule included) as JSON.
+    tune.report({**dict(record.metrics), "record": json.dumps(record.to_report())})
 
 
 def _trial_name(trial: Any) -> str:

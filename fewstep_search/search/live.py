@@ -37,7 +37,7 @@ def trials_table(
         f", {total - len(records)} to go" if total is not None else ""
     )
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("trial: optimizer objective param", justify="left", overflow="fold")
+    table.add_column("trial", justify="left", overflow="fold")  # optimizer objective parameterization
     table.add_column("start", justify="left", no_wrap=True)
     for col in ("E held", "vs heur", "evals", "s"):
         table.add_column(col, justify="right", no_wrap=True)
