@@ -8,7 +8,6 @@ Given C[a, b] = cost of one step from grid[a] down to grid[b] (a < b; +inf elsew
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["dp_optimal"]

@@ -131,7 +131,8 @@ def true_error(
     Computed in float64 where the model allows; batches of `batch_size` trajectories bound the memory.
     """
     if abs(float(sigmas[0].detach()) - bank.sigma_max) > 1e-9 * bank.sigma_max:
-        raise ValueError(f"schedule starts at {float(sigmas[0].detach()):.6g}, the bank at sigma_max={bank.sigma_max:.6g}")
+        start = float(sigmas[0].detach())
+        raise ValueError(f"schedule starts at {start:.6g}, the bank at sigma_max={bank.sigma_max:.6g}")
     solve = get_solver(solver)
     k = bank.n_trajectories
     chunk = batch_size or k

@@ -6,13 +6,13 @@ from typing import Any
 
 from rich.console import Console
 
-from fewstep_search.bank import build_bank
+from fewstep_search.bank import Bank, build_bank
 from fewstep_search.models.base import Denoiser, sigma_range
 from fewstep_search.optimize import search_in_process
 from fewstep_search.rundir import RunDir
 from fewstep_search.study import StudyConfig
 
-__all__ = ["resolve_range", "resolve_shape", "phase1_in_process"]
+__all__ = ["resolve_range", "resolve_shape", "ensure_bank", "phase1_in_process"]
 
 
 def resolve_range(denoiser: Denoiser, config: StudyConfig) -> tuple[float, float]:
@@ -32,31 +32,38 @@ def resolve_shape(denoiser: Denoiser, config: StudyConfig) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def phase1_in_process(
-    denoiser: Denoiser, config: StudyConfig, rundir: RunDir, *, progress: bool, console: Console, round_index: int = 1
-) -> dict[str, Any]:
-    """Round `round_index` of Phase-1 in process; resumes from the run directory when that round is finished."""
-    done = rundir.finished_round(round_index)
-    if done is not None:
-        console.print(f"round {round_index} already finished in {rundir.round_dir(round_index)}; reusing it")
-        return done
+def ensure_bank(denoiser: Denoiser, config: StudyConfig, rundir: RunDir, *, progress: bool) -> Bank:
+    """The run directory's bank, rebuilt (and saved) when its metadata does not match the study."""
     sigma_min, sigma_max = resolve_range(denoiser, config)
     shape = resolve_shape(denoiser, config)
     b = config.bank
     expect = {"model_id": config.model.model_id, "sigma_min": sigma_min, "sigma_max": sigma_max, "shape": list(shape),
               "n_trajectories": b.n_trajectories, "grid_size": b.grid_size, "seed": b.seed}
-    bank = rundir.bank(
+    return rundir.bank(
         expect,
         lambda: build_bank(
             denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, model_id=config.model.model_id,
             progress=progress, device=config.device, **b.model_dump(),
         ),
     )
+
+
+def phase1_in_process(
+    denoiser: Denoiser, config: StudyConfig, rundir: RunDir, *, progress: bool, console: Console, round_index: int = 1
+) -> dict[str, Any]:
+    """Round `round_index` of Phase-1 in process; a round already finished in the run directory is reused."""
+    done = rundir.finished_round(round_index)
+    if done is not None:
+        console.print(f"round {round_index} already finished in {rundir.round_dir(round_index)}; reusing it")
+        return done
+    sigma_min, sigma_max = resolve_range(denoiser, config)
+    shape = resolve_shape(denoiser, config)
+    bank = ensure_bank(denoiser, config, rundir, progress=progress)
     p1 = config.phase1
     result = search_in_process(
         denoiser, nfe=config.nfe, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, bank=bank,
         heuristics=p1.heuristics, refine_starts=p1.refine_starts, refine_steps=p1.refine_steps, lr=p1.lr,
-        solver=p1.solver, batch_size=b.batch_size,
+        solver=p1.solver, batch_size=config.bank.batch_size,
     )
     ref = result.best_heuristic.heldout_error
     cands = [
@@ -65,6 +72,7 @@ def phase1_in_process(
         for c in result.candidates
     ]
     best = min(cands, key=lambda c: c["heldout_error"])
-    metrics = {"round": round_index, "nfe": config.nfe, "best": best, "candidates": cands, "timings": result.timings}
+    metrics = {"round": round_index, "nfe": config.nfe, "best": best, "candidates": cands,
+               "timings": result.timings}
     rundir.write_round(round_index, best, metrics)
     return metrics

@@ -81,7 +81,8 @@ class Schedule:
         if bad.size:
             i = int(bad[0])
             raise ValueError(
-                f"schedule sigmas must be strictly decreasing; sigmas[{i}]={arr[i]:.6g} <= sigmas[{i + 1}]={arr[i + 1]:.6g}"
+                "schedule sigmas must be strictly decreasing; "
+                f"sigmas[{i}]={arr[i]:.6g} <= sigmas[{i + 1}]={arr[i + 1]:.6g}"
             )
         arr.setflags(write=False)
         object.__setattr__(self, "sigmas", arr)

@@ -80,7 +80,9 @@ class BankSpec(_Strict):
 class RefineSpec(_Strict):
     """In-process Phase-1 settings (`fewstep_search.optimize.search_in_process`)."""
 
-    heuristics: list[str] = Field(default_factory=lambda: ["edm", "log_uniform", "vp_time_uniform", "vp_time_quadratic"])
+    heuristics: list[str] = Field(
+        default_factory=lambda: ["edm", "log_uniform", "vp_time_uniform", "vp_time_quadratic"]
+    )
     refine_starts: int = Field(default=2, ge=0)
     refine_steps: int = Field(default=150, ge=0)
     lr: float = Field(default=0.05, gt=0)

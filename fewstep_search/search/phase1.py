@@ -18,9 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 from rich.console import Console
 
 from fewstep_search.atomic import atomic_write_json
-from fewstep_search.bank import Bank, build_bank
 from fewstep_search.models.base import Denoiser
-from fewstep_search.pipeline import resolve_range, resolve_shape
+from fewstep_search.pipeline import ensure_bank
 from fewstep_search.rundir import RunDir
 from fewstep_search.search.engine import ModelSource, run_search
 from fewstep_search.search.live import LiveTrials, trials_table
@@ -32,7 +31,6 @@ from fewstep_search.study import StudyConfig
 __all__ = [
     "RECORD_FILE",
     "SearchOutcome",
-    "load_bank_for",
     "phase1_search",
     "print_outcome",
     "record_location",
@@ -85,35 +83,6 @@ def _note_record(rundir: RunDir, storage: str, name: str) -> None:
     atomic_write_json(rundir.path / RECORD_FILE, info)
 
 
-def load_bank_for(denoiser: Denoiser, config: StudyConfig, rundir: RunDir, *, progress: bool) -> Bank:
-    """The run directory's bank, rebuilt when its metadata does not match the study (as in process)."""
-    sigma_min, sigma_max = resolve_range(denoiser, config)
-    shape = resolve_shape(denoiser, config)
-    b = config.bank
-    expect = {
-        "model_id": config.model.model_id,
-        "sigma_min": sigma_min,
-        "sigma_max": sigma_max,
-        "shape": list(shape),
-        "n_trajectories": b.n_trajectories,
-        "grid_size": b.grid_size,
-        "seed": b.seed,
-    }
-    return rundir.bank(
-        expect,
-        lambda: build_bank(
-            denoiser,
-            shape=shape,
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            model_id=config.model.model_id,
-            progress=progress,
-            device=config.device,
-            **b.model_dump(),
-        ),
-    )
-
-
 def phase1_search(
     denoiser: Denoiser,
     config: StudyConfig,
@@ -136,7 +105,7 @@ def phase1_search(
         return SearchOutcome(metrics=done, resumed=True)
     s = config.search
     t0 = time.perf_counter()
-    bank = load_bank_for(denoiser, config, rundir, progress=progress)
+    bank = ensure_bank(denoiser, config, rundir, progress=progress)
     t_bank = time.perf_counter() - t0
 
     storage = s.storage or sqlite_url(rundir.path / "optuna.db")
