@@ -1,8 +1,8 @@
-"""The built-in data set: scikit-learn's bundled 8x8 digits, with the one train / held-out split the project uses.
+"""The built-in data set: scikit-learn's bundled 8x8 digits, with the project's one train / held-out split.
 
-Why one place: the digits denoiser, the metrics classifier and the Frechet-distance reference set must all agree on
-which images are held out, or the "real data floor" and the classifier accuracy would be measured on images a
-network was trained on. Everything reads the split from `digits_split()` below.
+Why one place: the digits denoiser, the metrics classifier and the Frechet-distance reference set must all
+agree on which images are held out, or the "real data floor" and the classifier accuracy would be measured on
+images a network was trained on. Everything reads the split from `digits_split()` below.
 
 The images ship with scikit-learn (no network). Pixels 0..16 are mapped to [-1, 1] by `x / 8 - 1`, the range
 the EDM preconditioning (sigma_data = 0.5) is tuned for.
@@ -84,4 +84,3 @@ def digits_split() -> DigitsSplit:
         heldout_x=torch.from_numpy(images[held].copy()),
         heldout_y=torch.from_numpy(labels[held].copy()),
     )
-

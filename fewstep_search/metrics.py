@@ -1,4 +1,4 @@
-"""Sample quality on the built-in digits: a Frechet distance in a small classifier's feature space, and confidence.
+"""Sample quality on the built-in digits: Frechet distance in a small classifier's feature space, confidence.
 
 Why a project-trained classifier rather than Inception: 8x8 digits are far outside Inception's domain, and a
 network trained on the same data (train split only, fixed seed, shipped as safetensors) gives a feature space
@@ -47,12 +47,12 @@ CLASSIFIER_ASSET = "digits_classifier.safetensors"
 CLASSIFIER_CARD_ASSET = "digits_classifier.json"
 _BATCH = 1024
 _IMAG_TOL = 1e-3
-"""Largest imaginary part of sqrtm(C1 C2) (relative to its norm) treated as round-off (pytorch-fid uses 1e-3)."""
+"""Largest imaginary part of sqrtm(C1 C2), relative to its norm, treated as round-off (as in pytorch-fid)."""
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Architecture of `DigitsClassifier`: conv widths at 8x8 / 4x4 / 2x2 and the feature (penultimate) width."""
+    """Architecture of `DigitsClassifier`: conv widths (8x8, pooled to 4x4, 2x2), feature width."""
 
     widths: tuple[int, ...] = (32, 64, 64)
     feature_dim: int = 64
@@ -77,7 +77,8 @@ class ClassifierConfig:
 class DigitsClassifier(nn.Module):
     """Small CNN for [B, 1, 8, 8] digits in [-1, 1]: conv blocks with 2x max-pooling, then a feature layer.
 
-    `features(x)` gives the penultimate activations [B, feature_dim] the FD is computed in; `forward` the logits.
+    `features(x)` gives the penultimate pre-activations [B, feature_dim] the FD is computed in; `forward` the
+    logits.
     """
 
     def __init__(self, config: ClassifierConfig | None = None) -> None:
@@ -92,15 +93,16 @@ class DigitsClassifier(nn.Module):
                 side //= 2
             c_in = w
         self.conv = nn.Sequential(*layers)
-        self.feat = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, config.feature_dim), nn.ReLU())
+        self.feat = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, config.feature_dim))
         self.drop = nn.Dropout(0.3)
         self.head = nn.Linear(config.feature_dim, config.n_classes)
 
     def features(self, x: Tensor) -> Tensor:
+        """Penultimate layer before its ReLU: dead ReLU units would make the feature covariance singular."""
         return self.feat(self.conv(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.drop(self.features(x)))
+        return self.head(self.drop(nn.functional.relu(self.features(x))))
 
 
 def _asset(name: str) -> Path:
@@ -108,7 +110,7 @@ def _asset(name: str) -> Path:
 
 
 def classifier_card() -> dict[str, object]:
-    """The JSON card of the shipped classifier (architecture, training, held-out accuracy, real-data floor)."""
+    """The JSON card of the shipped classifier (architecture, training, held-out accuracy, data floor)."""
     return json.loads(_asset(CLASSIFIER_CARD_ASSET).read_text())
 
 
@@ -171,8 +173,8 @@ def frechet_distance_from_stats(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarr
     """FD between two Gaussians, via scipy.linalg.sqrtm of C1 C2.
 
     sqrtm of a product of two PSD matrices is real in exact arithmetic; round-off gives tiny imaginary parts
-    (dropped) and, for near-singular covariances, non-finite results (retried with a small ridge, as pytorch-fid
-    does). An imaginary part that is not tiny means the statistics are broken, and raises.
+    (dropped) and, for near-singular covariances, non-finite results (retried with a small ridge, as
+    pytorch-fid does). An imaginary part that is not tiny means the statistics are broken, and raises.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
@@ -203,7 +205,7 @@ def _heldout_stats() -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(
     samples: Tensor, *, reference: Tensor | None = None, classifier: DigitsClassifier | None = None
 ) -> float:
-    """FD between `samples` [N, 1, 8, 8] (model space, [-1, 1]) and `reference` (default: held-out real digits).
+    """FD between `samples` [N, 1, 8, 8] (model space, [-1, 1]) and `reference` (default: held-out digits).
 
     Example:
         >>> from fewstep_search.data import digits_split
@@ -233,7 +235,7 @@ def heldout_accuracy(classifier: DigitsClassifier | None = None) -> float:
 
 
 def real_data_floor(classifier: DigitsClassifier | None = None) -> float:
-    """FD of the real train split against the held-out split: what real digits score (lower is not meaningful)."""
+    """FD of the real train split against the held-out split: what real digits score (the floor to aim at)."""
     return frechet_distance(digits_split().train_x, classifier=classifier)
 
 
@@ -253,11 +255,16 @@ class SampleQuality:
     n: int
 
     def to_dict(self) -> dict[str, object]:
-        return {"fd": self.fd, "confidence": self.confidence, "class_counts": list(self.class_counts), "n": self.n}
+        return {
+            "fd": self.fd,
+            "confidence": self.confidence,
+            "class_counts": list(self.class_counts),
+            "n": self.n,
+        }
 
 
 def sample_quality(samples: Tensor, *, classifier: DigitsClassifier | None = None) -> SampleQuality:
-    """FD against held-out real digits, mean confidence and predicted-class counts of `samples` [N, 1, 8, 8]."""
+    """FD against held-out real digits, mean confidence, predicted-class counts of `samples` [N, 1, 8, 8]."""
     logits = _apply("forward", samples, classifier).double()
     probs = torch.softmax(logits, dim=1)
     counts = torch.bincount(probs.argmax(dim=1), minlength=probs.shape[1])

@@ -1,4 +1,4 @@
-"""The built-in `digits` model: a small U-Net on 8x8 digits with EDM preconditioning, shipped with the package.
+"""The built-in `digits` model: a small U-Net on 8x8 digits with EDM preconditioning, shipped in the package.
 
 Why a built-in model: the schedule search needs a real trained network that anyone can run on a laptop CPU in
 seconds, with real data to judge sample quality against. The weights (float16, ~1 MB) and a JSON card ship in
@@ -53,7 +53,7 @@ CARD_ASSET = "digits.json"
 
 
 class WeightsFileError(ValueError):
-    """A weight file is missing, unreadable, or does not match the architecture. The message names the file."""
+    """A weight file is missing, unreadable, or does not fit the architecture; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class DigitsNetConfig:
     level on the way down (one more on the way up, as in the DDPM U-Net); `emb_dim` the noise-embedding width.
     """
 
-    channels: tuple[int, ...] = (64, 128, 128)
+    channels: tuple[int, ...] = (32, 64, 64)
     blocks: int = 2
     emb_dim: int = 128
     dropout: float = 0.1
@@ -86,6 +86,11 @@ class DigitsNetConfig:
         if "channels" in kw:
             kw["channels"] = tuple(int(c) for c in kw["channels"])  # type: ignore[union-attr]
         return cls(**kw)  # type: ignore[arg-type]
+
+
+_EMB_SCALE = 250.0
+"""c_noise = log(sigma) / 4 spans only [-1.6, 1.1] over [sigma_min, sigma_max]; scaling it before the sinusoidal
+embedding spreads the phases so the embedding tells nearby noise levels apart."""
 
 
 def _groups(ch: int) -> int:
@@ -126,7 +131,8 @@ class DigitsUNet(nn.Module):
         self.config = config
         ch, e = config.channels, config.emb_dim
         self.freqs: Tensor
-        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(e // 2) / (e // 2)), persistent=False)
+        freqs = torch.exp(-math.log(1e4) * torch.arange(e // 2) / (e // 2))
+        self.register_buffer("freqs", freqs, persistent=False)
         self.emb_mlp = nn.Sequential(nn.Linear(e, 2 * e), nn.SiLU(), nn.Linear(2 * e, e))
         self.inp = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
 
@@ -158,7 +164,7 @@ class DigitsUNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
-        arg = c_noise.float()[:, None] * self.freqs[None, :] * 250.0  # c_noise ~ [-1.6, 1.1]: spread the phases
+        arg = c_noise.float()[:, None] * self.freqs[None, :] * _EMB_SCALE
         emb = self.emb_mlp(torch.cat([arg.cos(), arg.sin()], dim=1))
         h = self.inp(x)
         hs = [h]
