@@ -185,6 +185,7 @@ def pretrain_digits(
         "sigma_max": SIGMA_MAX,
         "prediction_type": "x0",
         "training": {
+            "function": "fewstep_search.pretrain.pretrain_digits",
             "seed": seed,
             "steps": steps,
             "batch_size": batch_size,
@@ -287,6 +288,7 @@ def pretrain_classifier(
         "architecture": config.to_dict(),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "training": {
+            "function": "fewstep_search.pretrain.pretrain_classifier",
             "seed": seed,
             "epochs": epochs,
             "batch_size": batch_size,
