@@ -21,6 +21,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and shipped assets should be readable as usual
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

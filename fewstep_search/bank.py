@@ -335,6 +335,7 @@ def build_bank(
         "grid_size": grid_size,
         "n_trajectories": n_trajectories,
         "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
         "substeps": substeps,
         "probes": probes,
         "gain_substeps": gain_substeps,

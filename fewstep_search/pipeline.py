@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from fewstep_search.bank import Bank, build_bank
@@ -38,12 +39,13 @@ def ensure_bank(denoiser: Denoiser, config: StudyConfig, rundir: RunDir, *, prog
     shape = resolve_shape(denoiser, config)
     b = config.bank
     expect = {"model_id": config.model.model_id, "sigma_min": sigma_min, "sigma_max": sigma_max, "shape": list(shape),
-              "n_trajectories": b.n_trajectories, "grid_size": b.grid_size, "seed": b.seed}
+              "n_trajectories": b.n_trajectories, "grid_size": b.grid_size, "seed": b.seed, "dtype": b.dtype}
     return rundir.bank(
         expect,
         lambda: build_bank(
             denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, model_id=config.model.model_id,
-            progress=progress, device=config.device, **b.model_dump(),
+            progress=progress, device=config.device, **b.model_dump(exclude={"dtype"}),
+            dtype=getattr(torch, b.dtype),
         ),
     )
 

@@ -66,11 +66,14 @@ class ModelSpec(_Strict):
 class BankSpec(_Strict):
     """Reference-trajectory bank settings (`fewstep_search.bank.build_bank`)."""
 
-    n_trajectories: int = Field(default=256, ge=4)
-    grid_size: int = Field(default=128, ge=8)
+    # Defaults sized for a laptop CPU and a small network (the built-in digits model: ~25 s); the analytic
+    # studies in studies/ ask for more trajectories, a finer grid and float64.
+    n_trajectories: int = Field(default=128, ge=4)
+    grid_size: int = Field(default=64, ge=8)
     heldout_fraction: float = Field(default=0.5, gt=0, lt=1)
     substeps: int = Field(default=2, ge=1)
-    probes: int = Field(default=2, ge=1)
+    probes: int = Field(default=1, ge=1)
+    dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
     batch_size: int | None = Field(default=None, ge=1)
     store_float16: bool = False
