@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,16 @@ from fewstep_search.optimize import search_in_process
 from fewstep_search.rundir import RunDir
 from fewstep_search.study import StudyConfig
 
-__all__ = ["resolve_range", "resolve_shape", "ensure_bank", "phase1_in_process"]
+__all__ = ["load_study_model", "resolve_range", "resolve_shape", "ensure_bank", "phase1_in_process"]
+
+
+def load_study_model(config: StudyConfig, study_path: Path | None) -> Denoiser:
+    """The study's denoiser; relative model paths resolve against the study file's folder."""
+    from fewstep_search.models.loading import load_model
+
+    spec = config.model
+    return load_model(spec.kind, path=spec.path, factory=spec.factory, options=spec.options, device=config.device,
+                      base_dir=study_path.parent if study_path else None)
 
 
 def resolve_range(denoiser: Denoiser, config: StudyConfig) -> tuple[float, float]:

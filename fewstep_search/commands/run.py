@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from fewstep_search.commands.search import add_search_options, apply_search_overrides
+from fewstep_search.commands.search import add_search_options, resolve_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,22 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewstep_search.study import load_study
-
-    config = load_study(args.study)
-    if args.budget is not None:
-        if args.budget < 1:
-            raise ValueError(f"--budget must be >= 1 network evaluation, got {args.budget}")
-        config = config.with_overrides(nfe=args.budget)
-    config = apply_search_overrides(config, args)
+    config = resolve_config(args)
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
 
     from rich.console import Console
 
-    from fewstep_search.models.loading import load_model
-    from fewstep_search.pipeline import phase1_in_process
+    from fewstep_search.pipeline import load_study_model, phase1_in_process
     from fewstep_search.report import candidates_table
     from fewstep_search.rundir import RunDir
 
@@ -56,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     rundir.prepare(config)
     t0 = time.perf_counter()
     spec = config.model
-    denoiser = load_model(spec.kind, path=spec.path, factory=spec.factory, options=spec.options, device=config.device,
-                          base_dir=args.study.parent if args.study else None)
+    denoiser = load_study_model(config, args.study)
     console.print(f"[bold]model[/bold] {spec.model_id}  [bold]budget[/bold] {config.nfe} NFE  "
                   f"[bold]run dir[/bold] {rundir.path}")
     if args.in_process:

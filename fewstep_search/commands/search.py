@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from fewstep_search.models.loading import load_model
+    from fewstep_search.pipeline import load_study_model
     from fewstep_search.rundir import RunDir
     from fewstep_search.search.phase1 import phase1_search, print_outcome, resolve_model_source
 
@@ -97,14 +97,7 @@ def run(args: argparse.Namespace) -> int:
     rundir.prepare(config)
     t0 = time.perf_counter()
     spec = config.model
-    denoiser = load_model(
-        spec.kind,
-        path=spec.path,
-        factory=spec.factory,
-        options=spec.options,
-        device=config.device,
-        base_dir=args.study.parent if args.study else None,
-    )
+    denoiser = load_study_model(config, args.study)
     console.print(
         f"[bold]model[/bold] {spec.model_id}  [bold]budget[/bold] {config.nfe} NFE  "
         f"[bold]run dir[/bold] {rundir.path}  [bold]trials[/bold] {len(config.search.specs())}"
