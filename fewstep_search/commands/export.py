@@ -1,0 +1,175 @@
+"""`fewstep-search export RUN_DIR --format json|k-diffusion|diffusers|diffusers-folder [--out FILE]`.
+
+Turns a run's best schedule (RUN_DIR/best/schedule.json) into what a sampler takes, spending exactly the budget:
+sigma_min is replaced by 0, so N steps are N model calls. Formats:
+
+  json              {"nfe": N, "sigmas": [N + 1 values ending in 0], "solver", "family", ...}
+  k-diffusion       a Python snippet: sigmas = torch.tensor([...]) for sample_euler(model, x, sigmas)
+  diffusers         what EulerDiscreteScheduler / FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...) take
+                    (the flow scheduler's own shift undone, its final 0 left to it; integer timesteps for DDPMs)
+  diffusers-folder  the fine-tuned model (RUN_DIR/best/model.safetensors) as a diffusers folder (--out DIR)
+
+The model's family (EDM, VP, flow) comes from RUN_DIR/config.json: folder models are read from their scheduler
+config, a user factory is loaded to ask it (or pass --family). Prints to stdout unless --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+_FAMILY_OF_KIND = {"digits": "edm", "mixture": "edm", "edm": "edm"}
+# The same tuples as fewstep_search.export.FORMATS / FAMILIES (a test checks), kept here so that building the
+# parser does not import torch (`fewstep-search --help` stays fast).
+FORMATS = ("json", "k-diffusion", "diffusers", "diffusers-folder")
+FAMILIES = ("edm", "vp", "flow")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a run's best schedule for k-diffusion / diffusers (exactly N model calls)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by `run` or `search`")
+    p.add_argument("--format", choices=FORMATS, default="json", help="what to export (default json)")
+    p.add_argument("--out", type=Path, default=None, help="write to this file (a folder for diffusers-folder)")
+    p.add_argument("--family", choices=FAMILIES, default=None, help="the model's family, instead of asking it")
+    p.add_argument(
+        "--mu", type=float, default=None, help="FlowMatch dynamic shifting: the pipeline's mu (resolution shift)"
+    )
+    p.add_argument(
+        "--base-dir", type=Path, default=None, help="folder that relative model paths in config.json are relative to"
+    )
+    p.set_defaults(handler=run)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} is not a JSON object")
+    return data
+
+
+def read_run(run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """(best schedule, its JSON object) of a run directory, with one-line errors."""
+    from fewstep_search.schedules import Schedule
+
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    path = run_dir / "best" / "schedule.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no best schedule yet ({path} is missing); run `fewstep-search run`")
+    data = _read_json(path, "schedule")
+    try:
+        return Schedule.from_dict(data), data
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def model_table(run_dir: Path) -> dict[str, Any]:
+    """`config["model"]` of RUN_DIR/config.json (the resolved study)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (the run's resolved study); pass --family for json/k-diffusion")
+    model = _read_json(path, "run config").get("model")
+    if not isinstance(model, dict) or "kind" not in model:
+        raise ValueError(f"{path} has no model table with a kind")
+    return model
+
+
+def _model_path(model: dict[str, Any], base_dir: Path | None) -> Path | None:
+    if not model.get("path"):
+        return None
+    p = Path(model["path"]).expanduser()
+    return base_dir / p if base_dir is not None and not p.is_absolute() else p
+
+
+def _load(model: dict[str, Any], base_dir: Path | None) -> Any:
+    from fewstep_search.models import loading
+
+    kind = model["kind"]
+    args = dict(path=model.get("path"), factory=model.get("factory"), options=model.get("options") or {})
+    if kind == "flow" and kind not in loading.MODEL_KINDS:  # until the registry lists the flow kind
+        from fewstep_search.denoiser import CheckedDenoiser
+        from fewstep_search.models.flow import load_flow
+
+        req = loading._Request(_model_path(model, base_dir), args["factory"], dict(args["options"]), "cpu", base_dir)
+        return CheckedDenoiser(load_flow(req), name=f"flow:{req.path or req.factory}")
+    return loading.load_model(kind, device="cpu", base_dir=base_dir, **args)
+
+
+def model_info_of(model: dict[str, Any], base_dir: Path | None) -> Any:
+    """What the run's model advertises; folder models from their scheduler config, without loading weights."""
+    from fewstep_search.export import ModelInfo, model_info
+
+    kind = model["kind"]
+    if kind in _FAMILY_OF_KIND:
+        return ModelInfo(family=_FAMILY_OF_KIND[kind])
+    path = _model_path(model, base_dir)
+    if kind == "diffusers" and path is not None:
+        from fewstep_search.models.diffusers_adapter import find_layout, read_scheduler_config, vp_from_scheduler_config
+
+        scheduler_file = find_layout(path)[1]
+        return ModelInfo(family="vp", vp=vp_from_scheduler_config(read_scheduler_config(scheduler_file)))
+    if kind == "flow" and path is not None:
+        from fewstep_search.models.flow import FLOW_SCHEDULER, find_flow_layout
+
+        config = _read_json(find_flow_layout(path)[1], "scheduler config")
+        if config.get("_class_name") != FLOW_SCHEDULER:
+            raise ValueError(f"{path}: the scheduler is a {config.get('_class_name')}, not a {FLOW_SCHEDULER}")
+        return ModelInfo(family="flow", shift=float(config.get("shift", 1.0)), scheduler_config=config)
+    return model_info(_load(model, base_dir))
+
+
+def render(args: argparse.Namespace) -> str | None:
+    """The export's text (None for diffusers-folder, which writes a folder)."""
+    from fewstep_search import export
+
+    schedule, data = read_run(args.run_dir)
+    solver = str(data.get("solver", "ddim"))
+    base_dir = args.base_dir
+    if args.format == "diffusers-folder":
+        ckpt = args.run_dir / "best" / "model.safetensors"
+        if args.out is None:
+            raise ValueError("--format diffusers-folder writes a folder: pass --out DIR")
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{args.run_dir} has no fine-tuned model ({ckpt} is missing; Phase-2 writes it)")
+        model = model_table(args.run_dir)
+        path = _model_path(model, base_dir)
+        if model["kind"] not in ("diffusers", "flow") or path is None:
+            raise ValueError(f"model kind {model['kind']!r} has no diffusers folder (only kinds diffusers and flow do)")
+        out = export.export_diffusers_folder(path, ckpt, args.out)
+        print(f"wrote {out} (fine-tuned {path.name} + its scheduler config)")
+        return None
+    if args.format == "diffusers":
+        info = model_info_of(model_table(args.run_dir), base_dir)
+        if args.family is not None and args.family != info.family:
+            raise ValueError(f"--family {args.family} contradicts the model, which is {info.family}")
+        return export.dumps(export.export_diffusers(schedule, info, solver=solver, mu=args.mu))
+    family = args.family or model_info_of(model_table(args.run_dir), base_dir).family
+    if args.format == "json":
+        return export.dumps(export.export_json(schedule, family=family, solver=solver))
+    return export.export_k_diffusion(schedule, family=family, solver=solver)
+
+
+def run(args: argparse.Namespace) -> int:
+    text = render(args)
+    if text is None:
+        return 0
+    if args.out is None:
+        print(text, end="")
+    else:
+        from fewstep_search.atomic import atomic_write_text
+
+        if args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a folder; name a file")
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    return 0
