@@ -323,6 +323,16 @@ def test_diffusers_folder_for_a_vp_unet(vp_folder: Path, tmp_path: Path) -> None
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
+def test_diffusers_folder_from_a_model_layout_base(tmp_path: Path) -> None:
+    base = save_model(tmp_path / "base", layout="model")
+    den = DiffusersUNetDenoiser.from_pretrained(base)
+    state = _perturbed_checkpoint(den, tmp_path / "m.safetensors")
+    out = ex.export_diffusers_folder(base, tmp_path / "m.safetensors", tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["scheduler", "unet"]
+    unet = UNet2DModel.from_pretrained(out / "unet", local_files_only=True)
+    torch.testing.assert_close(unet.state_dict()["conv_out.bias"], state["unet.conv_out.bias"])
+
+
 def test_diffusers_folder_for_a_flow_model_and_a_wrong_checkpoint(tmp_path: Path) -> None:
     base = tmp_path / "flow"
     tiny_unet(seed=4).save_pretrained(base / "unet")
