@@ -71,8 +71,12 @@ class ModelInfo:
     scheduler_config: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; expected one of {', '.join(FAMILIES)}")
+        _check_family(self.family)
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 
 def _advertised(denoiser: object, attr: str) -> Any:
@@ -117,7 +121,7 @@ def _floats(values: np.ndarray) -> list[float]:
 
 def export_json(schedule: Schedule, *, family: str = "edm", solver: str = "ddim") -> dict[str, Any]:
     """`{"nfe", "sigmas" (N + 1, last 0), "solver", "family", ...}`; flow models also get their t values."""
-    ModelInfo(family=family)
+    _check_family(family)
     out: dict[str, Any] = {
         "nfe": schedule.nfe,
         "sigmas": _floats(export_sigmas(schedule)),
@@ -137,7 +141,7 @@ def export_k_diffusion(schedule: Schedule, *, family: str = "edm", solver: str =
     sampler = _K_SAMPLERS.get(solver)
     if sampler is None:
         raise ValueError(f"no k-diffusion sampler for solver {solver!r}; known: {', '.join(_K_SAMPLERS)}")
-    ModelInfo(family=family)
+    _check_family(family)
     vals = ", ".join(repr(v) for v in _floats(export_sigmas(schedule)))
     lines = [
         "import torch",

@@ -353,9 +353,9 @@ def test_diffusers_folder_for_a_flow_model_and_a_wrong_checkpoint(tmp_path: Path
 # ---------------------------------------------------------------- the CLI command
 
 
-def write_run(root: Path, model: dict, schedule: Schedule | dict, *, solver: str | None = None) -> Path:
+def write_run(root: Path, model: dict, schedule: Schedule | dict, *, solver: str | None = None, **config) -> Path:
     (root / "best").mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({"nfe": 4, "model": model}))
+    (root / "config.json").write_text(json.dumps({"nfe": 4, "model": model, **config}))
     data = schedule if isinstance(schedule, dict) else schedule.to_dict()
     if solver:
         data = {**data, "solver": solver}
@@ -394,6 +394,12 @@ def test_cli_diffusers_for_folder_models(tmp_path: Path, vp_folder: Path, capsys
     run_export(str(run), "--format", "diffusers", "--base-dir", str(vp_folder.parent))
     d = json.loads(capsys.readouterr().out)
     assert d["scheduler"] == "EulerDiscreteScheduler" and len(d["timesteps"]) == 4 and d["sigmas"][-1] == 0.0
+    with pytest.raises(ValueError, match="does not exist"):  # relative to the cwd without a base folder
+        run_export(str(run), "--format", "diffusers")
+    recorded = write_run(tmp_path / "vp2", {"kind": "diffusers", "path": vp_folder.name}, karras(4, vp.sigma_min,
+                         vp.sigma_max), study_dir=str(vp_folder.parent))
+    run_export(str(recorded), "--format", "diffusers")  # the study folder the run recorded
+    assert json.loads(capsys.readouterr().out) == d
 
     flow = tmp_path / "flowmodel"
     tiny_unet().save_pretrained(flow / "unet")
@@ -455,6 +461,8 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--family"):
         run_export(str(noconf))
     assert run_export(str(noconf), "--family", "edm") == 0
+    with pytest.raises(ValueError, match="--mu is for --format diffusers"):
+        run_export(str(noconf), "--family", "edm", "--mu", "1.0")
 
 
 def test_cli_through_main_when_wired(tmp_path: Path, capsys) -> None:

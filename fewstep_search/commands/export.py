@@ -73,15 +73,22 @@ def read_run(run_dir: Path) -> tuple[Any, dict[str, Any]]:
         raise ValueError(f"{path}: {e}") from None
 
 
-def model_table(run_dir: Path) -> dict[str, Any]:
-    """`config["model"]` of RUN_DIR/config.json (the resolved study)."""
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.json (the resolved study), checked to hold a model table with a kind."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (the run's resolved study); pass --family for json/k-diffusion")
-    model = _read_json(path, "run config").get("model")
-    if not isinstance(model, dict) or "kind" not in model:
+    config = _read_json(path, "run config")
+    if not isinstance(config.get("model"), dict) or "kind" not in config["model"]:
         raise ValueError(f"{path} has no model table with a kind")
-    return model
+    return config
+
+
+def _base_dir(args: argparse.Namespace, config: dict[str, Any]) -> Path | None:
+    """Where relative model paths start: --base-dir, else the study folder the run recorded, else the cwd."""
+    if args.base_dir is not None:
+        return args.base_dir
+    return Path(config["study_dir"]) if isinstance(config.get("study_dir"), str) else None
 
 
 def _model_path(model: dict[str, Any], base_dir: Path | None) -> Path | None:
@@ -134,29 +141,39 @@ def render(args: argparse.Namespace) -> str | None:
 
     schedule, data = read_run(args.run_dir)
     solver = str(data.get("solver", "ddim"))
-    base_dir = args.base_dir
-    if args.format == "diffusers-folder":
-        ckpt = args.run_dir / "best" / "model.safetensors"
-        if args.out is None:
-            raise ValueError("--format diffusers-folder writes a folder: pass --out DIR")
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"{args.run_dir} has no fine-tuned model ({ckpt} is missing; Phase-2 writes it)")
-        model = model_table(args.run_dir)
-        path = _model_path(model, base_dir)
-        if model["kind"] not in ("diffusers", "flow") or path is None:
-            raise ValueError(f"model kind {model['kind']!r} has no diffusers folder (only kinds diffusers and flow do)")
-        out = export.export_diffusers_folder(path, ckpt, args.out)
-        print(f"wrote {out} (fine-tuned {path.name} + its scheduler config)")
-        return None
-    if args.format == "diffusers":
-        info = model_info_of(model_table(args.run_dir), base_dir)
+    if args.format in ("json", "k-diffusion") and args.family is not None:
+        family = args.family  # nothing else is needed: the config is not read
+    else:
+        config = run_config(args.run_dir)
+        model, base_dir = config["model"], _base_dir(args, config)
+        if args.format == "diffusers-folder":
+            return _folder(args, model, _model_path(model, base_dir))
+        info = model_info_of(model, base_dir)
         if args.family is not None and args.family != info.family:
             raise ValueError(f"--family {args.family} contradicts the model, which is {info.family}")
-        return export.dumps(export.export_diffusers(schedule, info, solver=solver, mu=args.mu))
-    family = args.family or model_info_of(model_table(args.run_dir), base_dir).family
+        if args.format == "diffusers":
+            return export.dumps(export.export_diffusers(schedule, info, solver=solver, mu=args.mu))
+        family = info.family
+    if args.mu is not None:
+        raise ValueError("--mu is for --format diffusers (a FlowMatch scheduler with dynamic shifting)")
     if args.format == "json":
         return export.dumps(export.export_json(schedule, family=family, solver=solver))
     return export.export_k_diffusion(schedule, family=family, solver=solver)
+
+
+def _folder(args: argparse.Namespace, model: dict[str, Any], path: Path | None) -> None:
+    from fewstep_search.export import export_diffusers_folder
+
+    ckpt = args.run_dir / "best" / "model.safetensors"
+    if args.out is None:
+        raise ValueError("--format diffusers-folder writes a folder: pass --out DIR")
+    if model["kind"] not in ("diffusers", "flow") or path is None:
+        raise ValueError(f"model kind {model['kind']!r} has no diffusers folder (only kinds diffusers and flow do)")
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{args.run_dir} has no fine-tuned model ({ckpt} is missing; Phase-2 writes it)")
+    out = export_diffusers_folder(path, ckpt, args.out)
+    print(f"wrote {out} (fine-tuned {path.name} + its scheduler config)")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
