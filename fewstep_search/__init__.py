@@ -17,6 +17,8 @@ __all__ = [
     "build_bank",
     "load_bank",
     "optimize_schedule",
+    "search_schedules",
+    "ModelSource",
     "karras",
     "make_schedule",
     "get_solver",
@@ -30,15 +32,18 @@ _EXPORTS = {
     "Bank": "fewstep_search.bank",
     "build_bank": "fewstep_search.bank",
     "load_bank": "fewstep_search.bank",
-    "optimize_schedule": "fewstep_search.optimize",
+    "optimize_schedule": "fewstep_search.phase1.optimize",
+    "search_schedules": "fewstep_search.phase1.optimize",
     "get_solver": "fewstep_search.solvers",
-    "Denoiser": "fewstep_search.models.base",
+    "Denoiser": "fewstep_search.denoiser",
+    "ModelSource": "fewstep_search.models.source",
 }
 
 if TYPE_CHECKING:
     from fewstep_search.bank import Bank, build_bank, load_bank
-    from fewstep_search.models.base import Denoiser
-    from fewstep_search.optimize import optimize_schedule
+    from fewstep_search.denoiser import Denoiser
+    from fewstep_search.models.source import ModelSource
+    from fewstep_search.phase1.optimize import optimize_schedule, search_schedules
     from fewstep_search.schedules import Schedule, karras, make_schedule
     from fewstep_search.solvers import get_solver
 

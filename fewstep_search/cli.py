@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from fewstep_search import __version__
 
 # name -> module under fewstep_search.commands
-COMMANDS: tuple[str, ...] = ("run", "search", "dashboard", "pretrain")
+COMMANDS: tuple[str, ...] = ("run", "search", "export", "dashboard", "pretrain")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; finished work is kept in the run directory (rerun the same command to resume)",
               file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as exc:
         # User-facing failures (bad study file, budget 0, a checkpoint that does not load, NaNs from the model)
         # are one line, not a traceback. FEWSTEP_DEBUG=1 shows the traceback.
         import os

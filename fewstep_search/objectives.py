@@ -24,10 +24,18 @@ import torch
 from torch import Tensor
 
 from fewstep_search.bank import Bank
-from fewstep_search.models.base import Denoiser
+from fewstep_search.denoiser import Denoiser, bind_condition
 from fewstep_search.solvers import get_solver
 
-__all__ = ["BoundKind", "convex_weights", "grid_cost_matrix", "bound", "true_error", "grid_bound"]
+__all__ = [
+    "BoundKind",
+    "convex_weights",
+    "grid_cost_matrix",
+    "bound",
+    "true_error",
+    "grid_bound",
+    "check_endpoints",
+]
 
 BoundKind = Literal["bw", "b0"]
 
@@ -61,7 +69,7 @@ def grid_cost_matrix(bank: Bank, kind: BoundKind = "bw", *, chunk: int = 64) -> 
     u = 1.0 / bank.grid  # ascending
     du = (u[1:] - u[:-1])[None, None, :]  # [1, 1, M-1]
     gain = _gain(bank, kind)  # [K, M]
-    total = torch.zeros(m, m, dtype=torch.float64)
+    total = torch.zeros(m, m, dtype=torch.float64, device=bank.grid.device)
     for lo in range(0, bank.n_trajectories, chunk):
         d = bank.denoised[lo : lo + chunk].double()  # [k, M, r]
         dist = torch.cdist(d, d, compute_mode="donot_use_mm_for_euclid_dist")  # [k, a, j] = ||D*(j) - D*(a)||
@@ -70,7 +78,7 @@ def grid_cost_matrix(bank: Bank, kind: BoundKind = "bw", *, chunk: int = 64) -> 
         integral = cum - torch.diagonal(cum, dim1=1, dim2=2)[:, :, None]  # from u_a (not u_0) to u_b
         total += (gain[lo : lo + chunk, None, :] * integral).sum(0)
     cost = total / bank.n_trajectories
-    upper = torch.triu(torch.ones(m, m, dtype=torch.bool), diagonal=1)
+    upper = torch.triu(torch.ones(m, m, dtype=torch.bool, device=cost.device), diagonal=1)
     return torch.where(upper, cost, torch.full_like(cost, float("inf")))
 
 
@@ -97,10 +105,10 @@ def bound(bank: Bank, sigmas: Tensor, kind: BoundKind = "bw", *, quad_points: in
     Each interval's integral over u is `integral ||D*(l) - D*(l_i)|| e^{-l} dl` over l = log sigma, by
     `quad_points`-point Gauss-Legendre; D*, phi interpolated linearly in log sigma on the bank grid.
     """
-    sigmas = sigmas.to(torch.float64)
+    sigmas = sigmas.to(device=bank.grid.device, dtype=torch.float64)
     nodes, weights = np.polynomial.legendre.leggauss(quad_points)
-    nodes_t = torch.tensor((nodes + 1) / 2, dtype=torch.float64)  # on [0, 1]
-    weights_t = torch.tensor(weights / 2, dtype=torch.float64)
+    nodes_t = torch.tensor((nodes + 1) / 2, dtype=torch.float64, device=sigmas.device)  # on [0, 1]
+    weights_t = torch.tensor(weights / 2, dtype=torch.float64, device=sigmas.device)
     d_all = bank.denoised.double()
     gain = _gain(bank, kind)  # [K, M]
     total = sigmas.new_zeros(())
@@ -117,6 +125,19 @@ def bound(bank: Bank, sigmas: Tensor, kind: BoundKind = "bw", *, quad_points: in
     return total
 
 
+def check_endpoints(bank: Bank, sigmas: Tensor) -> None:
+    """ValueError unless `sigmas` starts at the bank's sigma_max and ends at its sigma_min (or at 0).
+
+    The trajectories start at sigma_max (a schedule that starts elsewhere solves another problem) and the
+    reference end points are at sigma_min; a final 0 is an export's last step, which lands on D(x_1, sigma_1).
+    """
+    first, last = float(sigmas[0].detach()), float(sigmas[-1].detach())
+    if abs(first - bank.sigma_max) > 1e-9 * bank.sigma_max:
+        raise ValueError(f"schedule starts at {first:.6g}, the bank at sigma_max={bank.sigma_max:.6g}")
+    if last != 0.0 and abs(last - bank.sigma_min) > 1e-9 * bank.sigma_min:
+        raise ValueError(f"schedule ends at {last:.6g}, the bank at sigma_min={bank.sigma_min:.6g} (or 0)")
+
+
 def true_error(
     denoiser: Denoiser,
     bank: Bank,
@@ -127,19 +148,19 @@ def true_error(
 ) -> Tensor:
     """E(s) = mean_k ||Solve_s(x_N^k) - x0*^k|| over the bank's trajectories, differentiable in `sigmas`.
 
-    `sigmas` must start at the bank's sigma_max (the trajectories start there) and should end at its sigma_min.
-    Computed in float64 where the model allows; batches of `batch_size` trajectories bound the memory.
+    `sigmas` must start at the bank's sigma_max (the trajectories start there) and end at its sigma_min.
+    Computed in the bank's dtype on the bank's device; batches of `batch_size` trajectories bound the memory.
+    A conditional model is called with each trajectory's condition (`bank.cond`).
     """
-    if abs(float(sigmas[0].detach()) - bank.sigma_max) > 1e-9 * bank.sigma_max:
-        start = float(sigmas[0].detach())
-        raise ValueError(f"schedule starts at {start:.6g}, the bank at sigma_max={bank.sigma_max:.6g}")
+    check_endpoints(bank, sigmas)
     solve = get_solver(solver)
     k = bank.n_trajectories
     chunk = batch_size or k
     total = sigmas.new_zeros((), dtype=torch.float64)
     for lo in range(0, k, chunk):
         x = bank.x_start[lo : lo + chunk]
-        out = solve(denoiser, x, sigmas.to(x.dtype) if x.dtype != sigmas.dtype else sigmas)
+        den = bind_condition(denoiser, None if bank.cond is None else bank.cond[lo : lo + chunk])
+        out = solve(den, x, sigmas.to(device=x.device, dtype=x.dtype))
         err = (out - bank.x_end[lo : lo + chunk].to(out)).flatten(1).norm(dim=1)
         total = total + err.double().sum()
     return total / k

@@ -2,7 +2,7 @@
 
 A schedule is `sigma_max = sigma_N > ... > sigma_1 > sigma_0 = sigma_min` (DESIGN.md section 1), stored as a
 descending float64 array of `nfe + 1` values; a first-order solver spends one network evaluation per interval.
-Exports append a final 0 where the target API expects one (`with_final_zero`).
+Exports replace sigma_min by 0, so a sampler makes exactly `nfe` calls (`fewstep_search.export.export_sigmas`).
 
 Every optimizer moves one shared parameterization, the softmax-logit form in log sigma
 (`sigmas_from_logits` / `logits_from_sigmas`): N logits -> N positive log-sigma decrements that sum to
@@ -38,6 +38,7 @@ __all__ = [
     "vp_time_quadratic",
     "cosine",
     "SCHEDULE_FAMILIES",
+    "DEFAULT_HEURISTICS",
     "make_schedule",
     "sigmas_from_logits",
     "logits_from_sigmas",
@@ -111,7 +112,19 @@ class Schedule:
         return torch.tensor(self.sigmas, dtype=dtype, device=device)
 
     def with_final_zero(self) -> np.ndarray:
-        """Sigmas with a trailing 0.0, as k-diffusion samplers and diffusers' `set_timesteps(sigmas=...)` expect."""
+        """Deprecated: appends a 0, which costs `nfe + 1` calls; use `fewstep_search.export.export_sigmas`.
+
+        Kept (unchanged, with a DeprecationWarning) only so existing callers do not silently get another
+        schedule; `export_sigmas` replaces sigma_min by 0 instead, spending exactly the budget.
+        """
+        import warnings
+
+        warnings.warn(
+            "Schedule.with_final_zero() appends a 0 and costs nfe + 1 model calls; use "
+            "fewstep_search.export.export_sigmas(schedule), which replaces sigma_min by 0 (exactly nfe calls)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return np.append(self.sigmas, 0.0)
 
     def log_sigmas(self) -> np.ndarray:
@@ -226,6 +239,10 @@ SCHEDULE_FAMILIES: dict[str, Callable[..., Schedule]] = {
     "vp_time_quadratic": vp_time_quadratic,
     "cosine": cosine,
 }
+
+
+DEFAULT_HEURISTICS: tuple[str, ...] = ("edm", "log_uniform", "vp_time_uniform", "vp_time_quadratic")
+"""The hand-made schedules every search scores as baselines (the reference all ratios are taken against)."""
 
 
 def make_schedule(family: str, nfe: int, sigma_min: float, sigma_max: float, **options: Any) -> Schedule:

@@ -13,15 +13,27 @@ Solvers live in `SOLVERS` (name -> function); `get_solver(name)` looks one up wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from fewstep_search.models.base import Denoiser
+from fewstep_search.denoiser import Denoiser
 
-__all__ = ["Solver", "SOLVERS", "get_solver", "ddim", "heun", "dpmpp_2m", "reference", "nfe_of"]
+__all__ = [
+    "Solver",
+    "SOLVERS",
+    "get_solver",
+    "ddim",
+    "heun",
+    "dpmpp_2m",
+    "reference",
+    "rk4_interval",
+    "substeps_for",
+    "nfe_of",
+]
 
 Callback = Callable[[dict[str, Any]], None] | None
 
@@ -98,6 +110,53 @@ def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callbac
     return x
 
 
+def rk4_interval(
+    denoiser: Denoiser,
+    x: Tensor,
+    s0: Tensor,
+    s1: Tensor,
+    *,
+    substeps: int,
+    d0: Tensor | None = None,
+    callback: Callback = None,
+    i: int = 0,
+) -> Tensor:
+    """Classical RK4 in t = log sigma (`dx/dt = x - D(x, e^t)`) from sigma `s0` down to `s1 > 0`.
+
+    The one RK4 step of the project: the reference solver, the bank and Phase-2's teacher all call it.
+    `d0`, when given, is `D(x, s0)` already computed (saves one evaluation). 4 * substeps evaluations
+    (one fewer with d0). Differentiable in x (the bank's gain sweep backpropagates through it).
+    """
+    if substeps < 1:
+        raise ValueError(f"substeps must be >= 1, got {substeps}")
+    t0, t1 = torch.log(s0), torch.log(s1)
+    h = (t1 - t0) / substeps
+    hx = h.to(x.dtype)
+
+    def f(xv: Tensor, log_s: Tensor) -> Tensor:
+        return xv - _denoise(denoiser, xv, torch.exp(log_s), i, callback)
+
+    for j in range(substeps):
+        t = t0 + j * h
+        k1 = x - d0 if (j == 0 and d0 is not None) else f(x, t)
+        k2 = f(x + 0.5 * hx * k1, t + 0.5 * h)
+        k3 = f(x + 0.5 * hx * k2, t + 0.5 * h)
+        k4 = f(x + hx * k3, t + h)
+        x = x + hx / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def substeps_for(s0: float, s1: float, max_log_step: float) -> int:
+    """RK4 sub-steps that keep every sub-step within `max_log_step` in log sigma (at least 1).
+
+    Why bounded: one RK4 step across a long interval is unstable on the ODE's linear part (80 -> 4,
+    h = -3, multiplies by 1.375 instead of e^-3 = 0.05; DESIGN.md), so accurate targets need short steps.
+    """
+    if max_log_step <= 0:
+        raise ValueError(f"max_log_step must be > 0, got {max_log_step}")
+    return max(1, math.ceil(abs(math.log(float(s0) / float(s1))) / max_log_step - 1e-9))
+
+
 def reference(
     denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = None, substeps: int = 8
 ) -> Tensor:
@@ -109,25 +168,12 @@ def reference(
     _check_sigmas(sigmas)
     if substeps < 1:
         raise ValueError(f"substeps must be >= 1, got {substeps}")
-
-    def f(xv: Tensor, log_s: Tensor, i: int) -> Tensor:
-        return xv - _denoise(denoiser, xv, torch.exp(log_s), i, callback)
-
     for i in range(sigmas.numel() - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         if float(s_next) == 0.0:
             x = _denoise(denoiser, x, s, i, callback)
             break
-        t0, t1 = torch.log(s), torch.log(s_next)
-        h = (t1 - t0) / substeps
-        hx = h.to(x.dtype)
-        for j in range(substeps):
-            t = t0 + j * h
-            k1 = f(x, t, i)
-            k2 = f(x + 0.5 * hx * k1, t + 0.5 * h, i)
-            k3 = f(x + 0.5 * hx * k2, t + 0.5 * h, i)
-            k4 = f(x + hx * k3, t + h, i)
-            x = x + hx / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        x = rk4_interval(denoiser, x, s, s_next, substeps=substeps, callback=callback, i=i)
     return x
 
 
@@ -148,3 +194,43 @@ def nfe_of(name: str, steps: int) -> int:
     if name not in _NFE_PER_STEP:
         raise ValueError(f"no fixed NFE count for solver {name!r}")
     return _NFE_PER_STEP[name] * steps
+
+
+# ---------------------------------------------------------------- iPNDM (appended; registered below)
+
+_AB_COEFFS: tuple[tuple[float, ...], ...] = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+"""Adams-Bashforth weights of orders 1-4 for equal steps, newest slope first (iPNDM's table)."""
+
+
+def ipndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = None) -> Tensor:
+    """iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", the improved
+    PNDM): 4th-order Adams-Bashforth on the epsilon form `dx/dsigma = eps(x, sigma) = (x - D(x, sigma)) / sigma`
+    with a lower-order multistep warm start (orders 1, 2, 3 on the first three steps) instead of PNDM's Runge-Kutta
+    start, so every step costs one network evaluation (1 NFE per step).
+
+    In the EDM convention the exponential integrator of the epsilon form is the identity in sigma, so a step is
+    `x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * sum_j a_j eps_{i-j}` with the fixed equal-step coefficients
+    (`_AB_COEFFS`), as DEIS and AMED use it; on non-uniform schedules those coefficients are an approximation (the
+    price of the fixed table). A final step into sigma = 0 uses the same formula (eps stays finite there).
+    """
+    _check_sigmas(sigmas)
+    history: list[Tensor] = []
+    for i in range(sigmas.numel() - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = _denoise(denoiser, x, s, i, callback)
+        history.insert(0, (x - d) / s.to(x.dtype))
+        del history[len(_AB_COEFFS):]
+        coeffs = _AB_COEFFS[len(history) - 1]
+        slope = sum(c * e for c, e in zip(coeffs, history, strict=True))
+        x = x + (s_next - s).to(x.dtype) * slope
+    return x
+
+
+SOLVERS["ipndm"] = ipndm
+_NFE_PER_STEP["ipndm"] = 1
+__all__.append("ipndm")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep_search.models.base import CheckedDenoiser, ModelOutputError
+from fewstep_search.denoiser import CheckedDenoiser, ModelOutputError
 from fewstep_search.models.edm_adapter import CallableDenoiser
 from fewstep_search.models.factory import load_factory, parse_factory_spec
 from fewstep_search.models.loading import MODEL_KINDS, ModelLoadError, load_model, load_model_table

@@ -5,19 +5,40 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep_search.bank import BankMismatchError, build_bank, load_bank
-from fewstep_search.models.base import ModelOutputError
+from fewstep_search.bank import BankMismatchError, BankPlan, build_bank, estimate_bank_bytes, load_bank
+from fewstep_search.bank.build import refuse_if_too_big
+from fewstep_search.denoiser import ModelOutputError
 from fewstep_search.solvers import get_solver
 
 
 def test_bank_contents_match_an_independent_reference_solve(bank8, mixture8) -> None:
     k, m = bank8.n_trajectories, bank8.grid.numel()
     assert bank8.denoised.shape == (k, m, 8) and bank8.phi.shape == (k, m) and bank8.states.shape == (k, m, 8)
-    assert set(bank8.fit_idx.tolist()).isdisjoint(bank8.heldout_idx.tolist())
-    assert len(bank8.fit_idx) + len(bank8.heldout_idx) == k
     end = get_solver("reference")(mixture8, bank8.x_start, bank8.grid, substeps=4)
     assert float((end - bank8.x_end).norm() / end.norm()) < 1e-4  # coarse test grid: 48 cells x 2 sub-steps
     torch.testing.assert_close(bank8.denoised[:, 5], mixture8(bank8.states[:, 5], bank8.grid[5].expand(k)))
+
+
+def test_three_disjoint_sets_with_the_requested_sizes(bank8) -> None:
+    sets = {name: set(bank8.indices(name).tolist()) for name in ("fit", "select", "test")}
+    assert sets["fit"].isdisjoint(sets["select"]) and sets["fit"].isdisjoint(sets["test"])
+    assert sets["select"].isdisjoint(sets["test"])
+    assert sum(len(s) for s in sets.values()) == bank8.n_trajectories
+    assert bank8.sizes() == {"fit": 32, "select": 16, "test": 16}
+    assert bank8.test().n_trajectories == 16 and bool((bank8.test().split == 2).all())
+
+
+def test_split_and_starts_do_not_move_with_probes_or_chunking(mixture8) -> None:
+    kw = dict(shape=(8,), sigma_min=0.002, sigma_max=80.0, n_trajectories=12, grid_size=12)
+    a = build_bank(mixture8, probes=1, batch_size=12, **kw)
+    b = build_bank(mixture8, probes=3, batch_size=5, **kw)
+    assert torch.equal(a.split, b.split)
+    assert torch.equal(a.x_start, b.x_start)
+    torch.testing.assert_close(a.x_end, b.x_end)  # the same trajectories, solved in other chunks
+    c = build_bank(mixture8, probes=1, batch_size=5, **kw)
+    torch.testing.assert_close(a.phi, c.phi)  # same probes per trajectory, whatever the chunk
+    d = build_bank(mixture8, probes=1, batch_size=12, seed=1, **kw)
+    assert not torch.equal(a.split, d.split) and not torch.equal(a.x_start, d.x_start)
 
 
 def test_gain_is_one_at_sigma_min_and_tracks_the_linear_flow() -> None:
@@ -34,10 +55,11 @@ def test_gain_is_one_at_sigma_min_and_tracks_the_linear_flow() -> None:
 
 def test_save_load_roundtrip_and_metadata_check(bank8, tmp_path: Path) -> None:
     path = bank8.save(tmp_path / "b.safetensors")
+    assert (path.stat().st_mode & 0o777) == 0o644
     back = load_bank(path, expect={"model_id": "mixture8", "sigma_max": 80.0, "shape": [8]})
-    for name in ("grid", "x_start", "x_end", "denoised", "phi", "states", "fit_idx", "heldout_idx"):
+    for name in ("grid", "x_start", "x_end", "denoised", "phi", "states", "split"):
         assert torch.equal(getattr(back, name), getattr(bank8, name)), name
-    assert back.meta["grid_size"] == 48
+    assert back.meta["grid_size"] == 48 and back.meta["split_sizes"] == bank8.sizes()
     with pytest.raises(BankMismatchError, match="model_id='mixture8'.*'other'"):
         load_bank(path, expect={"model_id": "other"})
     with pytest.raises(BankMismatchError, match="sigma_max"):
@@ -53,15 +75,25 @@ def test_load_rejects_missing_and_corrupt_files(tmp_path: Path) -> None:
         load_bank(bad)
 
 
-def test_compressed_bank_preserves_distances(mixture8) -> None:
-    kw = dict(shape=(8,), sigma_min=0.002, sigma_max=80.0, n_trajectories=16, grid_size=24)
-    full = build_bank(mixture8, **kw)
-    small = build_bank(mixture8, store_float16=True, project_dim=6, keep_states=False, **kw)
-    assert small.denoised.dtype == torch.float16 and small.denoised.shape[-1] == 6 and small.states is None
+def test_projection_bounds_the_distance_distortion() -> None:
+    """Johnson-Lindenstrauss: with r = 256 every pairwise distance of grid outputs is kept within 25%."""
+    gen = torch.Generator().manual_seed(0)
+    dirs = torch.randn(6, 4096, generator=gen, dtype=torch.float64)
+
+    def den(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:  # outputs move through a 6-D subspace
+        w = torch.stack([torch.cos(k * torch.log(sigma)) for k in range(6)], 1)
+        return (w @ dirs).to(x) + 0.01 * x
+
+    kw = dict(shape=(4096,), sigma_min=0.01, sigma_max=10.0, n_trajectories=4, grid_size=16, keep_states=False)
+    full = build_bank(den, **kw)
+    small = build_bank(den, project_dim=256, store_float16=True, **kw)
+    assert small.denoised.dtype == torch.float16 and small.denoised.shape[-1] == 256 and small.states is None
     d_full = torch.cdist(full.denoised.double(), full.denoised.double())
     d_small = torch.cdist(small.denoised.double(), small.denoised.double())
-    ratio = (d_small.sum() / d_full.sum()).item()
-    assert 0.5 < ratio < 1.5  # JL keeps distances on average (6 of 8 dims: loose)
+    off = d_full > 1e-6
+    ratio = d_small[off] / d_full[off]
+    assert float(ratio.min()) > 0.75 and float(ratio.max()) < 1.25
+    assert abs(float(ratio.mean()) - 1.0) < 0.05
 
 
 def test_nan_from_the_model_is_a_clear_error() -> None:
@@ -76,4 +108,19 @@ def test_bad_bank_arguments() -> None:
     with pytest.raises(ValueError, match="sigma_min must be <"):
         build_bank(lambda x, s: x, shape=(2,), sigma_min=1.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="n_trajectories"):
-        build_bank(lambda x, s: x, shape=(2,), sigma_min=0.1, sigma_max=1.0, n_trajectories=1)
+        build_bank(lambda x, s: x, shape=(2,), sigma_min=0.1, sigma_max=1.0, n_trajectories=2)
+    with pytest.raises(ValueError, match="leave trajectories to fit"):
+        build_bank(lambda x, s: x, shape=(2,), sigma_min=0.1, sigma_max=1.0, select_fraction=0.5, test_fraction=0.5)
+
+
+def test_a_bank_too_big_for_the_machine_is_refused_before_any_work() -> None:
+    plan = BankPlan(shape=(4, 128, 128), sigma_min=0.002, sigma_max=80.0, n_trajectories=1024, grid_size=256,
+                    keep_states=False)
+    need = estimate_bank_bytes(plan, chunk=8)["total"]
+    assert need > 16 * 2**30  # full-size outputs: K x M x d float64
+    with pytest.raises(MemoryError, match="project_dim"):
+        refuse_if_too_big(plan, chunk=8, available=8 * 2**30)
+    small = BankPlan(shape=(4, 128, 128), sigma_min=0.002, sigma_max=80.0, n_trajectories=1024, grid_size=256,
+                     keep_states=False, project_dim=256, store_float16=True, dtype="float32")
+    assert estimate_bank_bytes(small, chunk=8)["total"] < 2 * 2**30
+    refuse_if_too_big(small, chunk=8, available=8 * 2**30)

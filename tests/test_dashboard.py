@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from fewstep_search.schedules import make_schedule
-from fewstep_search.search.record import OptunaRecord, sqlite_url
-from fewstep_search.search.trials import TrialRecord, TrialSpec
+from fewstep_search.phase1.record import OptunaRecord, sqlite_url
+from fewstep_search.phase1.trials import TrialRecord, TrialSpec
 
 STARTUP_SECONDS = 60.0
 

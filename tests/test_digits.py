@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fewstep_search.data import DIGITS_SHAPE, N_HELDOUT, digits_split
-from fewstep_search.models.base import CheckedDenoiser, Denoiser
+from fewstep_search.denoiser import CheckedDenoiser, Denoiser
 from fewstep_search.models.digits import (
     DigitsNetConfig,
     DigitsUNet,

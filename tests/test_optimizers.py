@@ -19,11 +19,11 @@ from scipy.special import betainc
 
 from fewstep_search.bank import Bank, log_grid
 from fewstep_search.models.mixture import GaussianMixture
-from fewstep_search.refine import refine_on_true_error
+from fewstep_search.phase1.optimizers import OptimizeResult
+from fewstep_search.phase1.parameterizations import PARAMETERIZATIONS, beta_cdf, make_parameterization
+from fewstep_search.phase1.problem import OBJECTIVES, Problem, StopTrial
+from fewstep_search.phase1.registry import OPTIMIZERS, make_optimizer
 from fewstep_search.schedules import Schedule, make_schedule
-from fewstep_search.search.optimizers import OPTIMIZERS, OptimizeResult, make_optimizer
-from fewstep_search.search.parameterizations import PARAMETERIZATIONS, beta_cdf, make_parameterization
-from fewstep_search.search.problem import OBJECTIVES, Problem
 
 NFE = 4
 
@@ -185,13 +185,23 @@ def test_bad_hyper_parameters_and_names_fail_with_one_line(name: str, hyper: dic
     assert "\n" not in str(info.value)
 
 
-def test_refine_on_true_error_wraps_adam(bank8: Bank, mixture8: GaussianMixture) -> None:
+def test_a_monitor_sees_the_best_schedule_and_can_stop_a_run(bank8: Bank, mixture8: GaussianMixture) -> None:
+    seen: list[tuple[int, float]] = []
+
+    def monitor(problem: Problem) -> None:
+        seen.append((problem.evaluations, problem.best_value))
+        if problem.evaluations >= 15:
+            raise StopTrial
+
+    p = make_parameterization("logits", nfe=NFE, sigma_min=bank8.sigma_min, sigma_max=bank8.sigma_max)
+    problem = Problem(objective="direct", parameterization=p, fit=bank8.fit(), denoiser=mixture8, monitor=monitor,
+                      monitor_every=5)
     start = make_schedule("edm", NFE, bank8.sigma_min, bank8.sigma_max)
-    sched, value = refine_on_true_error(mixture8, bank8.fit(), start, steps=10, name="r")
-    problem = _problem(bank8, mixture8, "direct", "logits")
-    res = make_optimizer("adam", steps=10).minimize(problem, start)
-    np.testing.assert_allclose(sched.sigmas, res.schedule.sigmas, rtol=1e-12)
-    assert value == pytest.approx(res.value) and sched.name == "r"
+    with pytest.raises(StopTrial):
+        make_optimizer("adam", steps=100).minimize(problem, start)
+    assert [e for e, _ in seen] == [5, 10, 15] and problem.evaluations == 15
+    assert all(b2 <= b1 for (_, b1), (_, b2) in zip(seen, seen[1:], strict=False))  # best so far never rises
+    assert problem.best_schedule is not None and problem.best_value == seen[-1][1]
 
 
 # ---------------------------------------------------------------- parameterizations

@@ -1,6 +1,7 @@
-"""The Ray Tune search end to end on a tiny mixture: 2 workers, the Optuna record, retries, resume.
+"""The Phase-1 search end to end on a tiny mixture: Ray Tune with 2 workers, the Optuna record, retries, resume,
+pruning, and the honesty of the three-set split.
 
-One local Ray (2 CPUs) serves the whole module; the engine reuses a running Ray instead of starting its own.
+One local Ray (2 CPUs) serves the module; the loop and the executor reuse a running Ray instead of starting one.
 """
 
 from __future__ import annotations
@@ -13,27 +14,24 @@ from typing import Any
 import pytest
 
 from fewstep_search.bank import Bank, build_bank
+from fewstep_search.loop import LoopOptions, run_loop
 from fewstep_search.models.mixture import builtin_mixture
+from fewstep_search.models.source import ModelSource
+from fewstep_search.phase1.engine import InProcessExecutor, TrialContext, run_phase1
+from fewstep_search.phase1.optimizers import ScheduleOptimizer
+from fewstep_search.phase1.portfolio import baseline_specs, trial_specs
+from fewstep_search.phase1.record import OptunaRecord, sqlite_url
+from fewstep_search.phase1.select import select_winner
+from fewstep_search.phase1.trials import TrialRecord, TrialSpec, run_trial, score_schedule
 from fewstep_search.rundir import RunDir
 from fewstep_search.schedules import Schedule
-from fewstep_search.search.config import SearchSpec
-from fewstep_search.search.engine import ModelSource, run_search
-from fewstep_search.search.optimizers import ScheduleOptimizer
-from fewstep_search.search.record import OptunaRecord, sqlite_url
-from fewstep_search.search.select import select_winner
-from fewstep_search.search.trials import TrialRecord, TrialSpec, run_trial
-from fewstep_search.study import StudyConfig
+from fewstep_search.study import PruningSpec, SearchSpec, StudyConfig
 
 NFE = 3
 SMALL_TRIALS = [
     {"optimizer": "dp", "objective": "bw", "parameterization": "grid"},
-    {
-        "optimizer": "adam",
-        "objective": "direct",
-        "parameterization": "logits",
-        "starts": ["vp_time_quadratic"],
-        "hyper": {"steps": 8},
-    },
+    {"optimizer": "adam", "objective": "direct", "parameterization": "logits", "starts": ["vp_time_quadratic"],
+     "hyper": {"steps": 8}},
     {"optimizer": "tpe", "objective": "direct", "parameterization": "edm_rho", "hyper": {"n_trials": 6}},
 ]
 
@@ -47,95 +45,67 @@ def ray_cluster() -> Iterator[None]:
 
 
 def _study(**search: Any) -> StudyConfig:
-    return StudyConfig.model_validate(
-        {
-            "nfe": NFE,
-            "model": {"kind": "mixture", "options": {"dim": 8}},
-            "bank": {"n_trajectories": 24, "grid_size": 24, "substeps": 1, "probes": 1},
-            "search": {
-                "workers": 2,
-                "heuristics": ["edm", "vp_time_quadratic"],
-                "trials": SMALL_TRIALS,
-                **search,
-            },
-        }
-    )
+    return StudyConfig.model_validate({
+        "nfe": NFE,
+        "rounds": 0,
+        "model": {"kind": "mixture", "options": {"dim": 8}},
+        "bank": {"n_trajectories": 24, "grid_size": 24, "substeps": 1, "probes": 1},
+        "search": {"workers": 2, "heuristics": ["edm", "vp_time_quadratic"], "trials": SMALL_TRIALS, **search},
+    })
 
 
 @pytest.fixture(scope="module")
 def tiny_bank() -> Bank:
-    return build_bank(
-        builtin_mixture(dim=8),
-        shape=(8,),
-        sigma_min=0.002,
-        sigma_max=80.0,
-        n_trajectories=16,
-        grid_size=16,
-        substeps=1,
-        probes=1,
-        seed=0,
-    )
+    return build_bank(builtin_mixture(dim=8), shape=(8,), sigma_min=0.002, sigma_max=80.0, n_trajectories=24,
+                      grid_size=16, substeps=1, probes=1, seed=0)
 
 
-def test_search_records_every_trial_in_optuna_and_resumes(
-    ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_search_records_every_trial_in_optuna_and_resumes(ray_cluster: None, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import optuna
-    from rich.console import Console
 
-    from fewstep_search.search import phase1
-    from fewstep_search.search.phase1 import phase1_search, resolve_model_source
+    from fewstep_search.phase1 import ray_tune
 
     config = _study()
     rundir = RunDir(tmp_path / "run")
-    rundir.prepare(config)
-    den = builtin_mixture(dim=8)
-    console = Console(quiet=True)
-    out = phase1_search(
-        den,
-        config,
-        rundir,
-        model=resolve_model_source(config, study_path=None),
-        console=console,
-        progress=False,
-    )
-    specs = config.search.specs()
-    assert len(out.records) == len(specs) == 5
-    assert all(r.state == "COMPLETE" for r in out.records)
+    results = run_loop(config, rundir)
+    specs = trial_specs(config.search, budget=NFE)
+    assert len(specs) == 5
 
-    # Read the record back through Optuna's own API.
     info = json.loads((rundir.path / "optuna.json").read_text())
     study = optuna.load_study(study_name=info["studies"][0], storage=info["storage"])
     trials = study.get_trials(deepcopy=False)
-    assert len(trials) == len(specs)
     assert {t.user_attrs["key"] for t in trials} == {s.key for s in specs}
     for t in trials:
         assert t.state == optuna.trial.TrialState.COMPLETE
-        assert t.value == pytest.approx(t.user_attrs["heldout_error"])
-        assert {"bw", "b0", "fit_error", "seconds", "evaluations"} <= set(t.user_attrs)
+        assert t.value == pytest.approx(t.user_attrs["select_error"])  # Optuna's value is the selection metric
+        assert {"test_error", "fit_error", "bw", "b0", "seconds", "evaluations"} <= set(t.user_attrs)
         assert len(t.user_attrs["sigmas"]) == NFE + 1
         assert t.params["optimizer"] == t.user_attrs["spec"]["optimizer"]
-    assert study.best_value == pytest.approx(out.metrics["best"]["heldout_error"])
+    assert study.best_value == pytest.approx(results["baselines"]["phase1"]["select_error"])
 
-    # The round: the winner's schedule, every candidate, and the winner is never worse than a heuristic.
-    best = json.loads((rundir.round_dir(1) / "schedule.json").read_text())
-    assert Schedule.from_dict(best).nfe == NFE
-    heur = min(c["heldout_error"] for c in out.metrics["candidates"] if c["kind"] == "heuristic")
-    assert best["heldout_error"] <= heur
+    best = json.loads((rundir.path / "best" / "schedule.json").read_text())
+    assert Schedule.from_dict(best).nfe == NFE and best["round"] == 0
+    phase1 = rundir.phase1_result(1)
+    assert phase1 is not None
+    heur = min(c["select_error"] for c in phase1["candidates"] if c["kind"] == "heuristic")
+    assert best["select_error"] <= heur  # heuristics are candidates: the pick is never worse on select E
 
-    # Resume: with the round gone, every trial comes back from the Optuna record and Ray is not used.
-    (rundir.round_dir(1) / "metrics.json").unlink()
-    monkeypatch.setattr(phase1, "run_search", lambda *a, **k: pytest.fail("finished trials were rerun"))
-    again = phase1_search(
-        den,
-        config,
-        rundir,
-        model=resolve_model_source(config, study_path=None),
-        console=console,
-        progress=False,
-    )
-    assert again.metrics["best"]["key"] == out.metrics["best"]["key"]
-    assert len(again.records) == len(specs)
+    # Resume: with the round's summary gone, every trial comes back from the Optuna record, none is rerun.
+    (rundir.round_dir(1) / "phase1.json").unlink()
+    monkeypatch.setattr(ray_tune.RayTuneExecutor, "run", lambda *a, **k: pytest.fail("finished trials were rerun"))
+    again = run_loop(config, rundir)
+    assert again["baselines"]["phase1"]["name"] == results["baselines"]["phase1"]["name"]
+    assert any("read back from the Optuna record" in n for n in again["notes"])
+
+
+def test_resume_reads_only_the_runs_own_studies_from_a_shared_storage(tmp_path: Path) -> None:
+    storage = sqlite_url(tmp_path / "shared.db")
+    config = _study(storage=storage, trials=[SMALL_TRIALS[0]])
+    first = run_loop(config, RunDir(tmp_path / "a"), options=LoopOptions(engine="local"))
+    second = run_loop(config, RunDir(tmp_path / "b"), options=LoopOptions(engine="local"))
+    assert not any("read back" in n for n in second["notes"])  # b ran its own trials
+    assert first["run_id"] != second["run_id"]
 
 
 def _fault_optimizers(marker: Path) -> dict[str, Any]:
@@ -158,58 +128,42 @@ def _fault_optimizers(marker: Path) -> dict[str, Any]:
     return {"fails_once": FailsOnce, "always_fails": AlwaysFails}
 
 
+@pytest.mark.parametrize("engine", ["ray", "local"])
 def test_a_flaky_trial_is_retried_and_a_broken_one_is_recorded_failed(
-    ray_cluster: None, tmp_path: Path, tiny_bank: Bank
+    ray_cluster: None, tmp_path: Path, tiny_bank: Bank, engine: str
 ) -> None:
     import optuna
 
+    from fewstep_search.phase1.ray_tune import RayTuneExecutor
+
     extra = _fault_optimizers(tmp_path / "marker")
-    specs = [
-        TrialSpec(optimizer="fails_once", objective="direct", start="edm"),
-        TrialSpec(optimizer="always_fails", objective="direct", start="edm"),
-        TrialSpec(optimizer="none", objective="direct", start="vp_time_quadratic"),
-    ]
+    specs = [TrialSpec(optimizer="fails_once", objective="direct", start="edm"),
+             TrialSpec(optimizer="always_fails", objective="direct", start="edm"),
+             TrialSpec(optimizer="none", objective="direct", start="vp_time_quadratic")]
     record = OptunaRecord(sqlite_url(tmp_path / "optuna.db"), "faults", optimizers=extra)
-    records = run_search(
-        specs,
-        bank=tiny_bank,
-        model=ModelSource.of(builtin_mixture(dim=8)),
-        nfe=NFE,
-        workers=2,
-        max_failures=1,
-        extra_optimizers=extra,
-        on_record=record.add,
-        name="faults",
-        storage_path=tmp_path / "tune",
-    )
-    by_name = {r.spec.optimizer: r for r in records}
+    executor = (RayTuneExecutor(workers=2, max_failures=1, storage_path=tmp_path / "tune", name="faults")
+                if engine == "ray" else InProcessExecutor(max_failures=1))
+    result = run_phase1(specs, bank=tiny_bank, model=ModelSource.of(builtin_mixture(dim=8)),
+                        context=TrialContext(nfe=NFE, extra_optimizers=extra), executor=executor,
+                        on_record=record.add)
+    by_name = {r.spec.optimizer: r for r in result.records}
     assert by_name["fails_once"].state == "COMPLETE" and by_name["fails_once"].attempts == 2
     assert by_name["always_fails"].state == "FAIL" and by_name["always_fails"].attempts == 2
     assert "always_fails: broken optimizer" in (by_name["always_fails"].error or "")
-    assert by_name["none"].state == "COMPLETE"
-
     study = optuna.load_study(study_name="faults", storage=sqlite_url(tmp_path / "optuna.db"))
     states = {t.user_attrs["spec"]["optimizer"]: t.state for t in study.trials}
-    assert states == {
-        "fails_once": optuna.trial.TrialState.COMPLETE,
-        "always_fails": optuna.trial.TrialState.FAIL,
-        "none": optuna.trial.TrialState.COMPLETE,
-    }
-    failed = next(t for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
-    assert "broken optimizer" in failed.user_attrs["error"]
-    assert select_winner(records).spec.optimizer in {"fails_once", "none"}
-    assert {r.spec.key for r in record.records()} == {s.key for s in specs}
+    assert states["always_fails"] == optuna.trial.TrialState.FAIL
+    assert states["fails_once"] == states["none"] == optuna.trial.TrialState.COMPLETE
+    assert result.winner.spec.optimizer in {"fails_once", "none"}
 
 
 @pytest.mark.parametrize("command", ["search", "run"])
-def test_search_and_run_commands_write_the_best_schedule(
-    ray_cluster: None, tmp_path: Path, command: str
-) -> None:
+def test_search_and_run_commands_write_the_best_schedule(ray_cluster: None, tmp_path: Path, command: str) -> None:
     from fewstep_search.cli import main
 
     study = tmp_path / "study.toml"
     study.write_text(
-        'nfe = 5\n[model]\nkind = "mixture"\noptions = { dim = 8 }\n'
+        'nfe = 5\nrounds = 0\n[model]\nkind = "mixture"\noptions = { dim = 8 }\n'
         "[bank]\nn_trajectories = 16\ngrid_size = 16\nsubsteps = 1\nprobes = 1\n"
         '[search]\nheuristics = ["edm", "log_uniform"]\n'
         '[[search.trials]]\noptimizer = "dp"\nparameterization = "grid"\n'
@@ -219,65 +173,104 @@ def test_search_and_run_commands_write_the_best_schedule(
     assert main(argv) == 0
     best = json.loads((out / "best" / "schedule.json").read_text())
     assert best["nfe"] == 3 and len(best["sigmas"]) == 4
-    assert (out / "optuna.db").is_file() and (out / "round_1" / "metrics.json").is_file()
-    metrics = json.loads((out / "round_1" / "metrics.json").read_text())
-    assert metrics["engine"] == "ray" and len(metrics["candidates"]) == 3
+    assert (out / "optuna.db").is_file() and (out / "results.json").is_file()
+    phase1 = json.loads((out / "round_1" / "phase1.json").read_text())
+    assert len(phase1["candidates"]) == 3
 
 
 # ---------------------------------------------------------------- no Ray needed
 
 
-def test_trial_specs_validate_in_the_driver() -> None:
+def test_trial_specs_validate_before_any_work() -> None:
     with pytest.raises(ValueError, match="additive"):
         TrialSpec(optimizer="dp", objective="direct", parameterization="grid").validate()
     with pytest.raises(ValueError, match="unknown start"):
         TrialSpec(optimizer="adam", start="zigzag").validate()
-    with pytest.raises(ValueError, match="search.trials"):
-        StudyConfig.model_validate({"search": {"trials": [{"optimizer": "nope"}]}})
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
+        trial_specs(SearchSpec.model_validate({"trials": [{"optimizer": "nope"}]}))
+    with pytest.raises(ValueError, match="first-order solver only"):
+        TrialSpec(optimizer="dp", objective="bw", parameterization="grid", solver="heun").validate()
+    with pytest.raises(ValueError, match="does not divide"):
+        TrialSpec(optimizer="adam", objective="direct", solver="heun").validate(budget=5)
 
 
-def test_run_trial_in_process_reports_every_metric(tiny_bank: Bank) -> None:
-    rec = run_trial(
-        TrialSpec(optimizer="adam", objective="bw", hyper={"steps": 3}),
-        bank=tiny_bank,
-        denoiser=builtin_mixture(dim=8),
-        nfe=NFE,
-    )
+def test_run_trial_scores_the_three_sets(tiny_bank: Bank) -> None:
+    den = builtin_mixture(dim=8)
+    rec = run_trial(TrialSpec(optimizer="adam", objective="bw", hyper={"steps": 3}), bank=tiny_bank, denoiser=den,
+                    nfe=NFE)
     assert rec.state == "COMPLETE" and rec.schedule is not None and rec.schedule.nfe == NFE
-    assert {
-        "heldout_error",
-        "fit_error",
-        "bw",
-        "b0",
-        "fit_objective",
-        "start_objective",
-        "evaluations",
-        "seconds",
-    } <= set(rec.metrics)
+    assert {"fit_error", "select_error", "test_error", "bw", "b0", "fit_objective", "start_objective",
+            "evaluations", "seconds"} <= set(rec.metrics)
+    again = score_schedule(den, tiny_bank, rec.schedule)
+    for part in ("fit", "select", "test"):
+        assert rec.metrics[f"{part}_error"] == pytest.approx(again[f"{part}_error"], rel=1e-12)
+    assert rec.metrics["select_error"] != rec.metrics["test_error"]  # different trajectories
     assert TrialRecord.from_report(json.loads(json.dumps(rec.to_report()))).spec == rec.spec
 
 
-def test_ties_go_to_the_cheaper_trial() -> None:
-    def rec(opt: str, e: float, s: float) -> TrialRecord:
-        return TrialRecord(
-            spec=TrialSpec(optimizer=opt), state="COMPLETE", metrics={"heldout_error": e, "seconds": s}
-        )
+def test_a_heun_trial_spends_the_budget_in_half_the_steps(tiny_bank: Bank) -> None:
+    rec = run_trial(TrialSpec(optimizer="none", objective="direct", start="edm", solver="heun"), bank=tiny_bank,
+                    denoiser=builtin_mixture(dim=8), nfe=4)
+    assert rec.schedule is not None and rec.schedule.nfe == 2 and rec.metrics["bw"] != rec.metrics["bw"]  # NaN
 
-    records = [
-        rec("adam", 0.5000, 3.0),
-        rec("lbfgsb", 0.50001, 0.5),
-        rec("tpe", 0.52, 0.1),
-        TrialRecord(spec=TrialSpec(optimizer="cmaes"), state="FAIL", error="x"),
-    ]
-    assert select_winner(records).spec.optimizer == "lbfgsb"
-    assert select_winner(records, tie_tolerance=0).spec.optimizer == "adam"
+
+def test_the_winner_is_picked_on_select_and_reported_on_test() -> None:
+    def rec(opt: str, select: float, test: float, s: float = 1.0) -> TrialRecord:
+        return TrialRecord(spec=TrialSpec(optimizer=opt), state="COMPLETE",
+                           metrics={"select_error": select, "test_error": test, "seconds": s})
+
+    records = [rec("adam", 0.50, 0.70), rec("lbfgsb", 0.60, 0.40),
+               TrialRecord(spec=TrialSpec(optimizer="cmaes"), state="FAIL", error="x")]
+    winner = select_winner(records)
+    assert winner.spec.optimizer == "adam" and winner.test_error == 0.70  # not the best test error
+    ties = [rec("adam", 0.5000, 0.5, 3.0), rec("lbfgsb", 0.50001, 0.5, 0.5), rec("tpe", 0.52, 0.5, 0.1)]
+    assert select_winner(ties).spec.optimizer == "lbfgsb"
+    assert select_winner(ties, tie_tolerance=0).spec.optimizer == "adam"
     with pytest.raises(ValueError, match="no trial finished"):
         select_winner(records[-1:])
 
 
-def test_default_search_spec_covers_every_optimizer_family() -> None:
-    from fewstep_search.search.optimizers import OPTIMIZERS
+def test_adding_trials_cannot_lower_the_reported_test_error_of_a_schedule(tiny_bank: Bank) -> None:
+    """A schedule's reported error is a function of the schedule and the test set only."""
+    model = ModelSource.of(builtin_mixture(dim=8))
+    ctx = TrialContext(nfe=NFE)
+    few = baseline_specs(["edm", "log_uniform"])
+    more = few + [TrialSpec(optimizer="dp", objective="bw", parameterization="grid", start="edm"),
+                  TrialSpec(optimizer="adam", objective="direct", start="vp_time_quadratic", hyper={"steps": 10})]
+    a = run_phase1(few, bank=tiny_bank, model=model, context=ctx, executor=InProcessExecutor())
+    b = run_phase1(more, bank=tiny_bank, model=model, context=ctx, executor=InProcessExecutor())
+    test_a = {r.spec.key: r.test_error for r in a.records}
+    test_b = {r.spec.key: r.test_error for r in b.records}
+    for key, value in test_a.items():
+        assert test_b[key] == value
+    for result in (a, b):
+        assert result.winner.schedule is not None
+        fresh = score_schedule(builtin_mixture(dim=8), tiny_bank, result.winner.schedule, parts=("test",))
+        assert result.summary()["best"]["test_error"] == pytest.approx(fresh["test_error"], rel=1e-12)
 
-    specs = SearchSpec().specs()
+
+def test_pruning_stops_costly_trials_that_cannot_win(tiny_bank: Bank) -> None:
+    specs = baseline_specs(["vp_time_quadratic"]) + [
+        TrialSpec(optimizer="adam", objective="direct", start=s, hyper={"steps": 60, "lr": 0.02})
+        for s in ("vp_time_quadratic", "edm", "log_uniform", "vp_time_uniform")
+    ]
+    executor = InProcessExecutor(pruning=PruningSpec(report_every=5, grace=1, factor=2))
+    result = run_phase1(specs, bank=tiny_bank, model=ModelSource.of(builtin_mixture(dim=8)),
+                        context=TrialContext(nfe=NFE), executor=executor)
+    stopped = [r for r in result.records if r.stopped_early]
+    assert stopped, "no costly trial was stopped"
+    for r in stopped:  # a stopped trial is still a scored candidate, with fewer evaluations than its budget
+        assert r.state == "COMPLETE" and r.schedule is not None and r.metrics["evaluations"] < 61
+        assert r.test_error == pytest.approx(score_schedule(builtin_mixture(dim=8), tiny_bank, r.schedule,
+                                                            parts=("test",))["test_error"], rel=1e-12)
+    assert not any(r.stopped_early for r in result.records if r.spec.is_baseline)
+
+
+def test_default_portfolio_covers_every_optimizer_family_cheap_trials_first() -> None:
+    from fewstep_search.phase1.registry import OPTIMIZERS
+
+    specs = trial_specs(SearchSpec())
     assert {s.optimizer for s in specs} == set(OPTIMIZERS)
     assert len({s.key for s in specs}) == len(specs)
+    costly = [s.is_costly for s in specs]
+    assert costly == sorted(costly)  # every cheap trial before the first costly one

@@ -12,7 +12,10 @@ from fewstep_search.models.mixture import SingleGaussian
 from fewstep_search.schedules import make_schedule
 from fewstep_search.solvers import SOLVERS, get_solver
 
-ORDERS = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "reference": 4}
+ORDERS = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "reference": 4, "ipndm": 2}
+"""Observed orders on log-uniform steps. iPNDM's is 2: its first (Euler) warm-start step and its fixed
+equal-step Adams-Bashforth table on a geometric schedule both leave O(h^2) global error (its 4th-order core is
+checked exactly by `test_ipndm_adams_bashforth_table_is_exact_on_polynomial_slopes`)."""
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +46,16 @@ class TestSolverConformance:
         assert torch.equal(out, get_solver(name)(gaussian, x, sig))
         assert seen and seen[0] == pytest.approx(80.0, rel=1e-12)
 
-    @pytest.mark.parametrize("name", sorted(SOLVERS))
-    def test_final_zero_gives_a_clean_sample(self, name: str, gaussian: SingleGaussian) -> None:
+    @pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"ipndm"}))  # iPNDM's last step is its AB formula too
+    def test_a_final_zero_lands_on_the_last_denoised_output(self, name: str, gaussian: SingleGaussian) -> None:
+        """The export convention: the step into sigma = 0 returns D(x_1, sigma_1), at no extra model call."""
+        from fewstep_search.export import export_sigmas
+
         x = torch.randn(3, 4, dtype=torch.float64) * 80
-        sig = torch.tensor(make_schedule("edm", 6, 0.002, 80.0).with_final_zero())
-        out = get_solver(name)(gaussian, x, sig)
-        assert torch.isfinite(out).all()
+        sig = torch.tensor(export_sigmas(make_schedule("edm", 6, 0.002, 80.0)))
+        seen: list[dict] = []
+        out = get_solver(name)(gaussian, x, sig, callback=seen.append)
+        assert torch.equal(out, seen[-1]["denoised"]) and float(seen[-1]["sigma"]) > 0
 
     @pytest.mark.parametrize("name", sorted(SOLVERS))
     def test_rejects_bad_sigmas(self, name: str, gaussian: SingleGaussian) -> None:
@@ -90,3 +97,37 @@ def test_reference_is_accurate_by_step_halving(mixture2) -> None:
     assert np.all(np.isfinite(rel))
     assert rel[0] / rel[1] > 10 and rel[1] / rel[2] > 10, rel
     assert rel[2] < 1e-6, rel
+
+
+def _polynomial_slope(coeffs: list[float]):
+    """A denoiser whose epsilon-form slope `(x - D) / sigma` is the polynomial p(sigma), whatever x is."""
+
+    def den(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        return x - s * sum(c * s**k for k, c in enumerate(coeffs))
+
+    return den
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_ipndm_adams_bashforth_table_is_exact_on_polynomial_slopes(degree: int) -> None:
+    """iPNDM (Zhang & Chen 2023): Adams-Bashforth of order k integrates slopes of degree < k exactly on equal steps,
+    with orders 1, 2, 3 as its warm start and 4 afterwards. For dx/dsigma = p(sigma) the error does not propagate, so
+    with deg p = degree all of the error is made in the first `degree` warm-start steps (orders <= degree) and every
+    later step adds exactly nothing; a wrong coefficient anywhere in the table breaks the equality."""
+    coeffs = [0.7, -0.4, 0.25, -0.05][: degree + 1]
+    den = _polynomial_slope(coeffs)
+    sig = torch.linspace(6.0, 0.5, 12, dtype=torch.float64)  # 11 equal steps in sigma
+    x = torch.randn(3, 2, dtype=torch.float64)
+
+    def exact(lo: float, hi: float) -> torch.Tensor:  # x(lo) = x(hi) + integral_hi^lo p
+        return x + sum(c * (lo ** (k + 1) - hi ** (k + 1)) / (k + 1) for k, c in enumerate(coeffs))
+
+    full_err = get_solver("ipndm")(den, x, sig) - exact(float(sig[-1]), float(sig[0]))
+    warm = max(degree, 1)  # steps whose order is <= degree (at least the first step, exact when degree == 0)
+    warm_err = get_solver("ipndm")(den, x, sig[: warm + 1]) - exact(float(sig[warm]), float(sig[0]))
+    assert torch.allclose(full_err, warm_err, atol=1e-12, rtol=0), (full_err, warm_err)
+    if degree == 0:
+        assert float(full_err.abs().max()) < 1e-12
+    else:  # the warm start really is lower order (the test would be vacuous otherwise)
+        assert float(warm_err.abs().max()) > 1e-6

@@ -32,15 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def storage_url(run_dir: Path, storage: str | None) -> str:
     """The storage to serve: `--storage`, else the one the run recorded, else RUN_DIR/optuna.db."""
+    from fewstep_search.phase1.record import sqlite_url
     from fewstep_search.rundir import RunDir
-    from fewstep_search.search.phase1 import record_location
-    from fewstep_search.search.record import sqlite_url
 
     if storage:
         return storage
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    info = record_location(RunDir(run_dir))
+    info = RunDir(run_dir).record_location()
     if info is not None and not info["storage"].startswith("sqlite:"):
         return str(info["storage"])
     db = run_dir / "optuna.db"

@@ -88,6 +88,11 @@ def _base_dir(args: argparse.Namespace, config: dict[str, Any]) -> Path | None:
     """Where relative model paths start: --base-dir, else the study folder the run recorded, else the cwd."""
     if args.base_dir is not None:
         return args.base_dir
+    from fewstep_search.rundir import RunDir
+
+    study = RunDir(args.run_dir).recorded_study_file()
+    if study is not None:
+        return study.parent
     return Path(config["study_dir"]) if isinstance(config.get("study_dir"), str) else None
 
 
@@ -103,12 +108,6 @@ def _load(model: dict[str, Any], base_dir: Path | None) -> Any:
 
     kind = model["kind"]
     args = dict(path=model.get("path"), factory=model.get("factory"), options=model.get("options") or {})
-    if kind == "flow" and kind not in loading.MODEL_KINDS:  # until the registry lists the flow kind
-        from fewstep_search.denoiser import CheckedDenoiser
-        from fewstep_search.models.flow import load_flow
-
-        req = loading._Request(_model_path(model, base_dir), args["factory"], dict(args["options"]), "cpu", base_dir)
-        return CheckedDenoiser(load_flow(req), name=f"flow:{req.path or req.factory}")
     return loading.load_model(kind, device="cpu", base_dir=base_dir, **args)
 
 

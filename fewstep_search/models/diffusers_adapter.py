@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fewstep_search.models.loading import ModelLoadError
+from fewstep_search.models.errors import ModelLoadError
 from fewstep_search.noise import DiscreteVP, ddpm_alphas_cumprod
 
 __all__ = [

@@ -216,6 +216,8 @@ class EDMDenoiser(nn.Module):
     prediction_type: str = "x0"
     sigma_data: float = SIGMA_DATA
     shape: tuple[int, ...] = DIGITS_SHAPE
+    dataset: str = "digits"
+    """Real samples exist (`fewstep_search.data`): sample quality (FD) can be measured."""
 
     def __init__(self, net: DigitsUNet, *, card: dict[str, object] | None = None) -> None:
         super().__init__()
@@ -223,17 +225,22 @@ class EDMDenoiser(nn.Module):
         self.card: dict[str, object] = card or {}
 
     def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        sigma_t = torch.as_tensor(sigma, device=x.device, dtype=torch.float64)
+        """Runs on the network's device whatever x's; the output has x's device and dtype."""
+        dev = self.net.inp.weight.device
+        sigma_t = torch.as_tensor(sigma, dtype=torch.float64).to(dev)
         if sigma_t.ndim == 0:
             sigma_t = sigma_t.expand(x.shape[0])
         if sigma_t.shape != (x.shape[0],):
             raise ValueError(f"sigma must have shape [B] = [{x.shape[0]}], got {tuple(sigma_t.shape)}")
         c = EDMCoefficients.at(sigma_t, self.sigma_data)
         bshape = (-1,) + (1,) * (x.ndim - 1)
-        x64 = x.to(torch.float64)
-        f = self.net((c.c_in.view(bshape) * x64).float(), c.c_noise.float())
-        out = c.c_skip.view(bshape) * x64 + c.c_out.view(bshape) * f.to(torch.float64)
-        return out.to(x.dtype)
+        # float64 for the skip combination where the device has it (MPS does not): the sum of two large terms.
+        wide = torch.float64 if dev.type != "mps" else torch.float32
+        xw = x.to(device=dev, dtype=wide)
+        c_in, c_skip, c_out = (v.view(bshape).to(wide) for v in (c.c_in, c.c_skip, c.c_out))
+        f = self.net((c_in * xw).float(), c.c_noise.float())
+        out = c_skip * xw + c_out * f.to(wide)
+        return out.to(device=x.device, dtype=x.dtype)
 
     def raw_loss(self, x0: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
         """EDM training loss per example, lambda(sigma)-weighted so every sigma contributes at unit scale.

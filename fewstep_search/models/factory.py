@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from fewstep_search.models.loading import ModelLoadError
+from fewstep_search.models.errors import ModelLoadError
 
 __all__ = ["parse_factory_spec", "resolve_factory", "load_factory", "check_kwargs"]
 

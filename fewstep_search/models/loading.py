@@ -11,6 +11,7 @@ a NaN or a wrong-shaped output fails at the call that produced it.
 | diffusers | path (local)       | `timestep_mode`, `dtype` ("float32", "float64", ...), `prediction_type`|
 | edm       | factory            | `sigma_min`, `sigma_max`, `prediction_type`; the rest go to the factory|
 | factory   | factory            | passed to the factory as keyword arguments (with `device`)             |
+| flow      | path or factory    | a FlowMatch diffusers folder, or a velocity factory (docs/flow.md)     |
 
 `factory` and `edm` run the user's own Python code (see `fewstep_search.models.factory`).
 """
@@ -24,13 +25,10 @@ from typing import Any
 
 import torch
 
-from fewstep_search.models.base import CheckedDenoiser, Denoiser
+from fewstep_search.denoiser import CheckedDenoiser, Denoiser
+from fewstep_search.models.errors import ModelLoadError
 
 __all__ = ["ModelLoadError", "MODEL_KINDS", "MODEL_TABLE_KEYS", "load_model", "load_model_table"]
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded (missing folder or config, corrupt weights, unsupported model)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +45,7 @@ class _Kind:
     loader: Callable[[_Request], Denoiser]
     needs_path: bool = False
     needs_factory: bool = False
+    path_or_factory: bool = False
 
 
 _DTYPES = {
@@ -123,12 +122,19 @@ def _load_user_factory(req: _Request) -> Denoiser:
     )
 
 
+def _load_flow(req: _Request) -> Denoiser:
+    from fewstep_search.models.flow import load_flow
+
+    return load_flow(req)
+
+
 MODEL_KINDS: dict[str, _Kind] = {
     "digits": _Kind(_load_digits),
     "mixture": _Kind(_load_mixture),
     "diffusers": _Kind(_load_diffusers, needs_path=True),
     "edm": _Kind(_load_edm, needs_factory=True),
     "factory": _Kind(_load_user_factory, needs_factory=True),
+    "flow": _Kind(_load_flow, path_or_factory=True),
 }
 
 
@@ -155,16 +161,20 @@ def load_model(
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_KINDS)}")
     spec = MODEL_KINDS[kind]
-    if spec.needs_path and path is None:
-        raise ValueError(f"model kind {kind!r} needs a path (a local folder)")
-    if not spec.needs_path and path is not None:
-        raise ValueError(f"model kind {kind!r} takes no path (got {str(path)!r})")
-    if spec.needs_factory and not factory:
-        raise ValueError(
-            f"model kind {kind!r} needs factory = 'module:function' or 'path/to/file.py:function'"
-        )
-    if not spec.needs_factory and factory is not None:
-        raise ValueError(f"model kind {kind!r} takes no factory (got {factory!r})")
+    if spec.path_or_factory:
+        if (path is None) == (factory is None):
+            raise ValueError(f"model kind {kind!r} needs exactly one of a path (a local folder) or a factory")
+    else:
+        if spec.needs_path and path is None:
+            raise ValueError(f"model kind {kind!r} needs a path (a local folder)")
+        if not spec.needs_path and path is not None:
+            raise ValueError(f"model kind {kind!r} takes no path (got {str(path)!r})")
+        if spec.needs_factory and not factory:
+            raise ValueError(
+                f"model kind {kind!r} needs factory = 'module:function' or 'path/to/file.py:function'"
+            )
+        if not spec.needs_factory and factory is not None:
+            raise ValueError(f"model kind {kind!r} takes no factory (got {factory!r})")
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"model options must be a table/dict, got {type(options).__name__}")
     base = Path(base_dir).expanduser() if base_dir is not None else None

@@ -10,7 +10,8 @@ Objectives (DESIGN.md section 1), all functions of a descending sigma tensor, di
 
 A `Problem` also keeps score of every evaluation (count, best value, best schedule), so every optimizer
 returns the best point it evaluated, whatever its own notion of a final iterate (E is non-convex; line
-searches overshoot).
+searches overshoot). A `monitor`, when set, is called every `monitor_every` evaluations with the problem: the
+engine reports progress through it and stops a trial that cannot win by raising `StopTrial` from it.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ import torch
 from torch import Tensor
 
 from fewstep_search.bank import Bank
-from fewstep_search.models.base import Denoiser
+from fewstep_search.denoiser import Denoiser
 from fewstep_search.objectives import BoundKind, bound, grid_cost_matrix, true_error
 from fewstep_search.schedules import Schedule
-from fewstep_search.search.parameterizations import Parameterization
+from fewstep_search.phase1.parameterizations import Parameterization
 
-__all__ = ["Objective", "OBJECTIVES", "Problem"]
+__all__ = ["Objective", "OBJECTIVES", "Problem", "StopTrial", "get_objective"]
+
+
+class StopTrial(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised by a monitor to end a trial early; the trial keeps the best schedule it evaluated."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ class Problem:
     Args:
         objective: a name in `OBJECTIVES`.
         parameterization: the coordinates (built for the same nfe and the bank's sigma range).
-        fit: the bank's fit trajectories (never the held-out ones).
+        fit: the bank's fit trajectories (never the select or test ones).
         denoiser: needed by `direct`.
         solver, batch_size: how `direct` solves (see `fewstep_search.objectives.true_error`).
         seed: for optimizers with randomness (samplers).
@@ -91,6 +96,8 @@ class Problem:
         solver: str = "ddim",
         batch_size: int | None = None,
         seed: int = 0,
+        monitor: Callable[[Problem], None] | None = None,
+        monitor_every: int = 10,
     ) -> None:
         self.objective = get_objective(objective)
         if self.objective.needs_model and denoiser is None:
@@ -107,6 +114,9 @@ class Problem:
         self.parameterization = parameterization
         self.fit, self.denoiser = fit, denoiser
         self.solver, self.batch_size, self.seed = solver, batch_size, int(seed)
+        if monitor_every < 1:
+            raise ValueError(f"monitor_every must be >= 1, got {monitor_every}")
+        self.monitor, self.monitor_every = monitor, int(monitor_every)
         self.evaluations = 0
         self.best_value = math.inf
         self.best_schedule: Schedule | None = None
@@ -128,7 +138,16 @@ class Problem:
             solver=self.solver,
             batch_size=self.batch_size,
             seed=self.seed,
+            monitor=self._forward_monitor if self.monitor is not None else None,
+            monitor_every=self.monitor_every,
         )
+
+    def _forward_monitor(self, sub: Problem) -> None:
+        """A derived problem's checkpoints report the parent's best (what the trial will return)."""
+        if sub.best_value < self.best_value and sub.objective is self.objective:
+            self.best_value, self.best_schedule = sub.best_value, sub.best_schedule
+        if self.monitor is not None:
+            self.monitor(self)
 
     # ------------------------------------------------------------ evaluation
 
@@ -139,7 +158,9 @@ class Problem:
         self.evaluations += 1
         if math.isfinite(value) and value < self.best_value:
             self.best_value = value
-            self.best_schedule = Schedule(sigmas.detach().double().numpy(), name=self.parameterization.name)
+            self.best_schedule = Schedule(sigmas.detach().double().cpu().numpy(), name=self.parameterization.name)
+        if self.monitor is not None and self.evaluations % self.monitor_every == 0:
+            self.monitor(self)
         return loss
 
     def loss(self, theta: Tensor) -> Tensor:
@@ -161,7 +182,7 @@ class Problem:
         th = torch.tensor(np.asarray(theta, dtype=np.float64), requires_grad=True)
         loss = self.loss(th)
         (grad,) = torch.autograd.grad(loss, th)
-        return float(loss.detach()), grad.numpy().copy()
+        return float(loss.detach()), grad.cpu().numpy().copy()
 
     def cost_matrix(self) -> Tensor:
         """The [M, M] grid cost of an additive objective (cached); ValueError for `direct`."""

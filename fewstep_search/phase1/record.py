@@ -1,11 +1,11 @@
 """The Optuna record of a search: every trial, whatever optimizer ran it, as one trial of an Optuna study.
 
 Layout of a recorded trial (what `optuna-dashboard` shows):
-* params: `objective`, `parameterization`, `optimizer`, `start` (categorical over the registries' names);
-* value: held-out E (direction: minimize); FAIL trials have no value;
-* user attributes: `heldout_error`, `fit_error`, `bw`, `b0`, `fit_objective`, `start_objective`,
-  `evaluations`, `seconds`, `sigmas` (the schedule), `key`, `label`, `spec` (the full trial spec,
-  hyper-parameters included), `attempts`, and `error` for failed trials.
+* params: `objective`, `parameterization`, `optimizer`, `start`, `solver` (categorical over the registries' names);
+* value: select E, the selection metric (direction: minimize); FAIL trials have no value;
+* user attributes: `select_error`, `test_error` (the reported number), `fit_error`, `bw`, `b0`, `fit_objective`,
+  `start_objective`, `evaluations`, `seconds`, `stopped_early`, `sigmas` (the schedule), `key`, `label`, `spec`
+  (the full trial spec, hyper-parameters included), `attempts`, and `error` for failed trials.
 
 The driver adds trials as Tune results arrive (`study.add_trial(optuna.trial.create_trial(...))`), so the
 storage is written by one process only; sqlite in the run directory by default, any Optuna storage URL by
@@ -19,23 +19,24 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from fewstep_search.phase1._optuna import quiet_optuna
+from fewstep_search.phase1.trials import METRIC_KEYS, TrialRecord, TrialSpec
 from fewstep_search.schedules import SCHEDULE_FAMILIES, Schedule
-from fewstep_search.search._optuna import quiet_optuna
-from fewstep_search.search.trials import TrialRecord, TrialSpec
+from fewstep_search.solvers import SOLVERS
 
-__all__ = ["OptunaRecord", "sqlite_url", "METRIC_KEYS"]
+__all__ = ["OptunaRecord", "sqlite_url", "without_password"]
 
-METRIC_KEYS = (
-    "heldout_error",
-    "fit_error",
-    "bw",
-    "b0",
-    "fit_objective",
-    "start_objective",
-    "evaluations",
-    "seconds",
-)
+
+def without_password(url: str) -> str:
+    """A storage URL safe to write down and print (a database password is never written to the run folder)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -56,23 +57,25 @@ class OptunaRecord:
     def __init__(
         self, storage: str, study_name: str, *, optimizers: Iterable[str], attrs: dict[str, Any] | None = None
     ) -> None:
-        from fewstep_search.search.optimizers import OPTIMIZERS
-        from fewstep_search.search.parameterizations import PARAMETERIZATIONS
-        from fewstep_search.search.problem import OBJECTIVES
+        from fewstep_search.phase1.parameterizations import PARAMETERIZATIONS
+        from fewstep_search.phase1.problem import OBJECTIVES
+        from fewstep_search.phase1.registry import OPTIMIZERS
 
         with quiet_optuna() as optuna:
             self.study = optuna.create_study(
                 storage=storage, study_name=study_name, direction="minimize", load_if_exists=True
             )
-            self.study.set_metric_names(["heldout_E"])
+            self.study.set_metric_names(["select_E"])
             for k, v in (attrs or {}).items():
                 self.study.set_user_attr(k, v)
         self.storage, self.study_name = storage, study_name
+        self.public_storage = without_password(storage)
         self._choices = {
             "objective": tuple(OBJECTIVES),
             "parameterization": tuple(PARAMETERIZATIONS),
             "optimizer": tuple(sorted(set(OPTIMIZERS) | set(optimizers))),
             "start": tuple(SCHEDULE_FAMILIES),
+            "solver": tuple(s for s in SOLVERS if s != "reference"),
         }
 
     def add(self, record: TrialRecord) -> int:
@@ -97,7 +100,7 @@ class OptunaRecord:
             complete = record.state == "COMPLETE"
             trial = optuna.trial.create_trial(
                 state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL,
-                value=record.heldout_error if complete else None,
+                value=record.select_error if complete else None,
                 params=params,
                 distributions=dists,
                 user_attrs=attrs,

@@ -1,7 +1,8 @@
-"""Study files: the validated TOML configuration of a run (model, bank, search).
+"""Study files: the validated TOML configuration of a run (model, bank, search, Phase-2).
 
 A study file is plain data (TOML), validated with pydantic so a typo or a wrong type fails with one line naming the
-key; nothing in it is evaluated. Example (`studies/mixture64.toml`):
+key; nothing in it is evaluated. This package holds only the data types (a study is data): the modules that run
+it read them. Example (`studies/mixture64.toml`):
 
     nfe = 6
     [model]
@@ -10,46 +11,59 @@ key; nothing in it is evaluated. Example (`studies/mixture64.toml`):
     [bank]
     n_trajectories = 256
 
-Command-line options (`--budget`) override the file; the resolved config is written to the run directory.
+Command-line options (`--budget`, `--rounds`, `--device`, ...) override the file; the resolved config is written
+to the run directory.
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from fewstep_search.search.config import SearchSpec
+from fewstep_search.study._base import Strict
+from fewstep_search.study.phase2 import Phase2Spec
+from fewstep_search.study.search import DEFAULT_PORTFOLIO, PruningSpec, SearchSpec, TrialTemplate
 
-__all__ = ["ModelSpec", "BankSpec", "RefineSpec", "StudyConfig", "StudyError", "load_study"]
+__all__ = [
+    "ModelSpec",
+    "BankSpec",
+    "StudyConfig",
+    "StudyError",
+    "SearchSpec",
+    "TrialTemplate",
+    "PruningSpec",
+    "Phase2Spec",
+    "DEFAULT_PORTFOLIO",
+    "MODEL_KIND_NAMES",
+    "load_study",
+    "format_validation_error",
+]
+
+MODEL_KIND_NAMES = ("digits", "mixture", "diffusers", "edm", "factory", "flow")
 
 
 class StudyError(ValueError):
     """A study file is missing, is not TOML, or does not validate; the message names the file and the key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """Which denoiser to load (see docs/models.md): a built-in, a diffusers folder, or a user factory."""
 
-    kind: Literal["digits", "mixture", "diffusers", "edm", "factory"] = "digits"
+    kind: Literal["digits", "mixture", "diffusers", "edm", "factory", "flow"] = "digits"
     path: str | None = None
     factory: str | None = Field(default=None, description="'module:function' or 'file.py:function' (user code)")
     options: dict[str, Any] = Field(default_factory=dict)
-    sigma_min: float | None = Field(default=None, gt=0, description="override the model's advertised range")
+    sigma_min: float | None = Field(default=None, gt=0, description="narrow the model's advertised range")
     sigma_max: float | None = Field(default=None, gt=0)
     shape: list[int] | None = Field(default=None, description="per-sample shape, where the model does not say")
 
     @property
     def model_id(self) -> str:
         """A stable identity for bank metadata: a bank built for one model is never reused for another."""
-        import json
-
         ref = self.path or self.factory or ""
         opts = json.dumps(self.options, sort_keys=True) if self.options else ""
         return ":".join(p for p in (self.kind, ref, opts) if p)
@@ -60,60 +74,69 @@ class ModelSpec(_Strict):
             raise ValueError("model.kind = 'diffusers' needs model.path (a local folder)")
         if self.kind in ("factory", "edm") and not self.factory:
             raise ValueError(f"model.kind = '{self.kind}' needs model.factory = 'module:function'")
+        if self.kind == "flow" and not (self.path or self.factory):
+            raise ValueError("model.kind = 'flow' needs model.path (a diffusers folder) or model.factory")
         return self
 
 
-class BankSpec(_Strict):
+class BankSpec(Strict):
     """Reference-trajectory bank settings (`fewstep_search.bank.build_bank`)."""
 
     # Defaults sized for a laptop CPU and a small network (the built-in digits model: ~25 s); the analytic
     # studies in studies/ ask for more trajectories, a finer grid and float64.
     n_trajectories: int = Field(default=128, ge=4)
     grid_size: int = Field(default=64, ge=8)
-    heldout_fraction: float = Field(default=0.5, gt=0, lt=1)
+    select_fraction: float = Field(default=0.25, gt=0, lt=1, description="trajectories the winner is picked on")
+    test_fraction: float = Field(default=0.25, gt=0, lt=1, description="trajectories results are reported on")
     substeps: int = Field(default=2, ge=1)
     probes: int = Field(default=1, ge=1)
+    gain_substeps: int = Field(default=1, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
-    batch_size: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, description="trajectories per chunk (memory only)")
+    keep_states: bool | None = Field(default=None, description="default: when they fit in 256 MiB")
     store_float16: bool = False
     project_dim: int | None = Field(default=None, ge=1)
 
+    @model_validator(mode="after")
+    def _sets(self) -> BankSpec:
+        if self.select_fraction + self.test_fraction >= 1:
+            raise ValueError("bank.select_fraction + bank.test_fraction must be < 1 (the rest is fitted on)")
+        return self
 
-class RefineSpec(_Strict):
-    """In-process Phase-1 settings (`fewstep_search.optimize.search_in_process`)."""
-
-    heuristics: list[str] = Field(
-        default_factory=lambda: ["edm", "log_uniform", "vp_time_uniform", "vp_time_quadratic"]
-    )
-    refine_starts: int = Field(default=2, ge=0)
-    refine_steps: int = Field(default=150, ge=0)
-    lr: float = Field(default=0.05, gt=0)
-    solver: Literal["ddim"] = "ddim"
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the bank's contents (batch_size only moves memory, not results)."""
+        return self.model_dump(exclude={"batch_size"})
 
 
-class StudyConfig(_Strict):
+class StudyConfig(Strict):
     """A whole study. `nfe` is the budget (network evaluations of the first-order solver)."""
 
     nfe: int = Field(default=10, ge=1, le=1000)
+    rounds: int = Field(default=1, ge=0, le=100, description="Phase-1 + Phase-2 rounds; 0 = Phase-1 alone")
     model: ModelSpec = Field(default_factory=ModelSpec)
     bank: BankSpec = Field(default_factory=BankSpec)
-    phase1: RefineSpec = Field(default_factory=RefineSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    phase2: Phase2Spec = Field(default_factory=Phase2Spec)
     device: str = "cpu"
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
-        """A copy with top-level fields replaced (None values ignored), validated again."""
+        """A copy with top-level fields replaced (None values ignored), validated again (StudyError if not)."""
         data = self.model_dump()
         data.update({k: v for k, v in changes.items() if v is not None})
-        return StudyConfig.model_validate(data)
+        try:
+            return StudyConfig.model_validate(data)
+        except ValidationError as exc:
+            raise StudyError(format_validation_error(exc)) from None
 
 
-def _format_errors(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError) -> str:
+    """The first error as one line, `key.path: message`, without pydantic's documentation link."""
     first = exc.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = str(first["msg"]).removeprefix("Value error, ")
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{loc}: {first['msg']}{more}"
+    return f"{loc}: {msg}{more}"
 
 
 def load_study(path: str | Path | None) -> StudyConfig:
@@ -130,4 +153,4 @@ def load_study(path: str | Path | None) -> StudyConfig:
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
-        raise StudyError(f"study file {p}: {_format_errors(exc)}") from None
+        raise StudyError(f"study file {p}: {format_validation_error(exc)}") from None

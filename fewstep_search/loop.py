@@ -1,0 +1,306 @@
+"""The alternating loop (DESIGN.md section 1, "Alternation"): Phase-1 on the current model, Phase-2 on its winner.
+
+Round r: Phase-1 searches a schedule s_r for the current model (the teacher in round 1, then the last student;
+the teacher's bank is reused, a student's outputs on the grid are recomputed at the teacher's states) -> Phase-2
+fine-tunes the current model on exactly s_r -> the pair (s_r, student_r) is evaluated. `rounds = 0` is Phase-1
+alone. The loop stops after `rounds`, or early when a round improves the select error by less than 1%; the best
+pair is kept.
+
+Honest numbers: every decision (a round's winning schedule, the best pair, the early stop) is taken on the
+select trajectories; every reported error is on the test trajectories, which no decision looks at.
+
+Ray starts once per run (`fewstep_search.ray_runtime.ray_session`) and serves every round's search and
+training. Every step's result is written to the run directory as it finishes, so an interrupted run resumes:
+finished rounds are read back, a search skips the trials its Optuna record already holds, and Phase-2 continues
+from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from fewstep_search.bank import Bank
+from fewstep_search.denoiser import Denoiser, bind_condition
+from fewstep_search.models.source import ModelSource, trainable_module
+from fewstep_search.phase1.engine import Executor, InProcessExecutor, TrialContext, run_phase1
+from fewstep_search.phase1.portfolio import trial_specs
+from fewstep_search.phase1.record import OptunaRecord, sqlite_url
+from fewstep_search.phase1.registry import OptimizerFactory
+from fewstep_search.phase1.trials import TrialRecord, score_schedule
+from fewstep_search.quality import sample_quality_of
+from fewstep_search.resolve import cached_or_built_bank, model_source, resolve_device, resolve_range, resolve_shape
+from fewstep_search.rundir import RunDir
+from fewstep_search.schedules import Schedule
+from fewstep_search.study import StudyConfig
+
+__all__ = ["Reporter", "QuietReporter", "LoopOptions", "run_loop", "IMPROVEMENT"]
+
+IMPROVEMENT = 0.01
+"""A round must lower the select error by at least this fraction, or the loop stops."""
+
+
+class Reporter(Protocol):
+    """What the loop tells the user (the CLI's rich console; `QuietReporter` for libraries and tests)."""
+
+    progress: bool
+
+    def note(self, line: str) -> None: ...
+
+    def phase(self, line: str) -> None: ...
+
+    def search(self, *, title: str, total: int) -> AbstractContextManager[Callable[[TrialRecord], None]]: ...
+
+    def epoch(self, info: Mapping[str, Any]) -> None: ...
+
+
+class QuietReporter:
+    """Collects notes, shows nothing."""
+
+    progress = False
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+
+    def phase(self, line: str) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def search(self, *, title: str, total: int) -> Iterator[Callable[[TrialRecord], None]]:
+        yield lambda record: None
+
+    def epoch(self, info: Mapping[str, Any]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs (not what it computes): engines, the study file's folder, custom optimizers."""
+
+    engine: Literal["ray", "local"] = "ray"
+    study_path: Path | None = None
+    extra_optimizers: Mapping[str, OptimizerFactory] = field(default_factory=dict)
+
+
+def _student_bank(bank: Bank, student: Denoiser, *, model_id: str, batch: int = 256) -> Bank | None:
+    """The teacher's bank with the student's outputs at the teacher's states (None when no states are kept)."""
+    if bank.states is None:
+        return None
+    k, m = bank.states.shape[:2]
+    outs = []
+    with torch.no_grad():
+        for lo in range(0, k, batch):
+            st = bank.states[lo : lo + batch]
+            cond = None if bank.cond is None else bank.cond[lo : lo + batch]
+            den = bind_condition(student, None if cond is None else cond.repeat_interleave(m))
+            flat = st.reshape(-1, *bank.shape)
+            sig = bank.grid.to(st.dtype).repeat(st.shape[0])
+            outs.append(bank.project(den(flat, sig).reshape(st.shape[0], m, *bank.shape)))
+    return bank.with_outputs(torch.cat(outs), model_id=model_id)
+
+
+class _Run:
+    """One run's state: the study, the run folder, the teacher, the bank, the reporter."""
+
+    def __init__(self, config: StudyConfig, rundir: RunDir, options: LoopOptions, reporter: Reporter) -> None:
+        self.config, self.rundir, self.options, self.reporter = config, rundir, options, reporter
+        self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+        resolve_device(config.device)
+        self.teacher_source = model_source(config, study_path=options.study_path)
+        self.teacher = self.teacher_source.load(cache=False)  # a model that does not load writes nothing
+        self.run_id = rundir.prepare(config, study_path=options.study_path)
+        self.sigma_min, self.sigma_max = resolve_range(self.teacher, config, self.notes)
+        self.shape = resolve_shape(self.teacher, config)
+        self.specs = trial_specs(config.search, budget=config.nfe, extra_optimizers=options.extra_optimizers)
+        self.storage = config.search.storage or sqlite_url(rundir.path / "optuna.db")
+        for line in self.notes:
+            reporter.note(line)
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+        self.reporter.note(line)
+
+    def bank(self) -> Bank:
+        t0 = time.perf_counter()
+        self.reporter.phase("reference bank")
+        bank, built = cached_or_built_bank(
+            self.teacher, self.config, load=self.rundir.load_bank, save=self.rundir.save_bank,
+            sigma_min=self.sigma_min, sigma_max=self.sigma_max, shape=self.shape,
+            progress=self.reporter.progress, notes=(notes := []),
+        )
+        for line in notes:
+            self.note(line)
+        self.timings["bank"] = time.perf_counter() - t0 if built else 0.0
+        sizes = bank.sizes()
+        self.reporter.phase(f"bank: {bank.n_trajectories} trajectories (fit {sizes['fit']}, select "
+                            f"{sizes['select']}, test {sizes['test']}), {bank.grid.numel()} grid points"
+                            + ("" if built else ", reused from the run folder"))
+        return bank
+
+    def executor(self, r: int) -> Executor:
+        s = self.config.search
+        if self.options.engine == "local":
+            return InProcessExecutor(pruning=s.pruning, max_failures=s.max_failures)
+        from fewstep_search.phase1.ray_tune import RayTuneExecutor
+
+        return RayTuneExecutor(workers=s.workers, address=s.address, max_failures=s.max_failures,
+                               cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
+                               pruning=s.pruning, storage_path=self.rundir.path / "tune", name=f"round_{r}")
+
+    def phase1(self, r: int, bank: Bank, model: ModelSource) -> dict[str, Any]:
+        """Round r's search (or its finished result read back)."""
+        done = self.rundir.phase1_result(r)
+        if done is not None:
+            self.reporter.phase(f"round {r}: Phase-1 already finished; reusing it")
+            return done
+        name = f"{self.run_id}-nfe{self.config.nfe}-round{r}"
+        record = OptunaRecord(self.storage, name, optimizers=list(self.options.extra_optimizers),
+                              attrs={"nfe": self.config.nfe, "model": model.model_id, "round": r,
+                                     "run_id": self.run_id})
+        self.rundir.note_record(record.public_storage, name)
+        previous = record.records()
+        t0 = time.perf_counter()
+        with self.reporter.search(title=f"round {r}: Phase-1 search (NFE = {self.config.nfe})",
+                                  total=len(self.specs)) as show:
+            def on_record(rec: TrialRecord) -> None:
+                record.add(rec)
+                show(rec)
+
+            for rec in previous:
+                show(rec)
+            result = run_phase1(self.specs, bank=bank, model=model,
+                                context=TrialContext(nfe=self.config.nfe, batch_size=self.config.bank.batch_size,
+                                                     device=self.config.device,
+                                                     extra_optimizers=self.options.extra_optimizers),
+                                executor=self.executor(r), previous=previous, on_record=on_record,
+                                tie_tolerance=self.config.search.tie_tolerance)
+        if result.resumed:
+            self.note(f"round {r}: {result.resumed} of {len(self.specs)} trials were read back from the Optuna "
+                      f"record {name}")
+        summary = {"round": r, "nfe": self.config.nfe, "model": model.model_id, **result.summary(),
+                   "seconds": time.perf_counter() - t0,
+                   "optuna": {"storage": record.public_storage, "study": name}}
+        self.rundir.write_phase1(r, summary)
+        return summary
+
+    def evaluate(self, model: Denoiser, schedule: Schedule, bank: Bank, *, solver: str) -> dict[str, Any]:
+        """Select and test E of a pair, and its sample quality where the model has data."""
+        scores = score_schedule(model, bank.to(self.config.device), schedule, solver=solver,
+                                batch_size=self.config.bank.batch_size, parts=("select", "test"))
+        quality = sample_quality_of(model, schedule, solver=solver, device=self.config.device)
+        return {"select_error": scores["select_error"], "test_error": scores["test_error"],
+                **({"fd": quality["fd"], "confidence": quality["confidence"]} if quality else {})}
+
+
+def _schedule_of(row: Mapping[str, Any]) -> Schedule:
+    return Schedule(row["sigmas"], name=str(row.get("name", "schedule")))
+
+
+def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None = None,
+             options: LoopOptions | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole job; returns what it writes to results.json."""
+    reporter = reporter or QuietReporter()
+    options = options or LoopOptions()
+    run = _Run(config, rundir, options, reporter)
+    bank = run.bank()
+    rounds = config.rounds
+    if rounds > 0 and trainable_module(run.teacher) is None:
+        run.note(f"model {config.model.model_id} has no trainable weights: Phase-1 only (no Phase-2 rounds)")
+        rounds = 0
+    session = contextlib.nullcontext()
+    if options.engine == "ray":
+        from fewstep_search.ray_runtime import ray_session
+
+        s = config.search
+        session = ray_session(workers=s.workers, address=s.address)
+    with session:
+        return _rounds(run, bank, rounds)
+
+
+def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
+    config, rundir = run.config, run.rundir
+    p1 = run.phase1(1, bank, run.teacher_source)
+    heur = p1["best_heuristic"]
+    baselines: dict[str, Any] = {
+        "phase1": {"name": p1["best"]["name"], "select_error": p1["best"]["select_error"],
+                   "test_error": p1["best"]["test_error"], "solver": p1["best"]["solver"]},
+    }
+    if heur is not None:
+        baselines["best_heuristic"] = {"name": heur["name"], "select_error": heur["select_error"],
+                                       "test_error": heur["test_error"], "solver": heur["solver"]}
+    for key, row in (("best_heuristic", heur), ("phase1", p1["best"])):
+        if row is not None:
+            q = sample_quality_of(run.teacher, _schedule_of(row), solver=row["solver"], device=config.device)
+            if q is not None:
+                baselines[key].update(fd=q["fd"], confidence=q["confidence"])
+    best = {"round": 0, **baselines["phase1"], "schedule": p1["best"], "model": None}
+    history: list[dict[str, Any]] = []
+    current, current_den, prev_select = run.teacher_source, run.teacher, best["select_error"]
+    for r in range(1, rounds + 1):
+        if r > 1:
+            student_bank = _student_bank(bank, current_den, model_id=current.model_id)
+            if student_bank is None:
+                run.note(f"round {r}: the bank keeps no states, so bound trials see the teacher's grid outputs")
+            p1 = run.phase1(r, student_bank or bank, current)
+        metrics = rundir.finished_round(r)
+        if metrics is None:
+            metrics = _phase2_round(run, r, bank, current, _schedule_of(p1["best"]), p1["best"])
+        history.append(metrics)
+        current = run.teacher_source.with_checkpoint(rundir.model_path(r))
+        current_den = current.load(cache=False)
+        if metrics["select_error"] < best["select_error"]:
+            best = {"round": r, "name": metrics["schedule"]["name"], "select_error": metrics["select_error"],
+                    "test_error": metrics["test_error"], "solver": metrics["schedule"].get("solver", "ddim"),
+                    "schedule": metrics["schedule"], "model": str(rundir.model_path(r)),
+                    **({"fd": metrics["fd"]} if "fd" in metrics else {})}
+        if metrics.get("stopped_reason"):
+            run.note(f"round {r}: Phase-2 stopped early ({metrics['stopped_reason']}); the loop ends here")
+            break
+        if r < rounds and metrics["select_error"] > prev_select * (1 - IMPROVEMENT):
+            run.note(f"round {r} improved the select error by less than {IMPROVEMENT:.0%}; stopping after it")
+            break
+        prev_select = metrics["select_error"]
+    if best["round"] == 0 and "fd" in baselines["phase1"]:
+        best["fd"] = baselines["phase1"]["fd"]
+    rundir.write_best({**best["schedule"], "nfe": config.nfe, "round": best["round"],
+                       "test_error": best["test_error"], "select_error": best["select_error"]},
+                      Path(best["model"]) if best["model"] else None)
+    results = {"nfe": config.nfe, "model": config.model.model_id, "run_id": run.run_id, "rounds": history,
+               "baselines": baselines, "best": {k: v for k, v in best.items() if k != "schedule"},
+               "notes": run.notes, "timings": run.timings, "bank_sizes": bank.sizes()}
+    rundir.write_results(results)
+    return results
+
+
+def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule: Schedule,
+                  row: Mapping[str, Any]) -> dict[str, Any]:
+    """Fine-tune the current model on round r's schedule, evaluate the pair, write the round."""
+    from fewstep_search.phase2 import fine_tune
+
+    config, rundir = run.config, run.rundir
+    run.reporter.phase(f"round {r}: Phase-2 on {schedule.nfe} steps ({row['name']})")
+    t0 = time.perf_counter()
+    result = fine_tune(teacher=run.teacher_source, student=student, schedule=schedule, bank=bank,
+                       spec=config.phase2, out_dir=rundir.round_dir(r) / "phase2", device=config.device,
+                       engine=run.options.engine, on_epoch=run.reporter.epoch, progress=run.reporter.progress)
+    seconds = time.perf_counter() - t0
+    target = rundir.store_model(r, Path(result.checkpoint))
+    den = run.teacher_source.with_checkpoint(target).load(cache=False)
+    evaluation = run.evaluate(den, schedule, bank, solver=str(row.get("solver", "ddim")))
+    metrics = {"round": r, "schedule": dict(row), **evaluation,
+               "phase1": {"select_error": row["select_error"], "test_error": row["test_error"]},
+               "phase2": {"seconds": seconds, "history": list(result.history)},
+               "stopped_reason": result.stopped_reason}
+    rundir.write_round(r, metrics)
+    return metrics

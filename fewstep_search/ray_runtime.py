@@ -1,0 +1,69 @@
+"""Ray, started once per run: the one place that calls `ray.init` / `ray.shutdown`, and keeps Ray quiet.
+
+Phase-1's Ray Tune executor and Phase-2's Ray Train trainer both run inside `ray_session`; when the loop has
+already opened one (the normal case: `fewstep-search run` starts Ray once for all its rounds), an inner
+`ray_session` is a no-op, so Ray never starts and stops around every search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+__all__ = ["ray_session", "quiet_ray"]
+
+_QUIET_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",  # the legacy reporter is silent at verbose=0; the new one prints a config box
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # failures are reported once, in our table and the Optuna record
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard per trial: Optuna is the record
+    "RAY_DEDUP_LOGS": "1",
+}
+_LOGGERS = ("ray.tune", "ray.train", "ray.air")
+
+
+@contextlib.contextmanager
+def quiet_ray() -> Iterator[None]:
+    """Ray's environment switches (only those the user has not set) and its Tune/Train loggers, for the block.
+
+    Why: Tune logs every trial failure and a final 'Trials did not complete' at ERROR and prints config boxes;
+    our tables and the Optuna record report the same things once.
+    """
+    added = {k: v for k, v in _QUIET_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    loggers = [logging.getLogger(n) for n in _LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+        for k in added:
+            os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def ray_session(*, workers: int | None = None, address: str | None = None, gpus: int | None = None) -> Iterator[bool]:
+    """Use a running Ray, attach to `address`, or start a local one with `workers` CPUs; stop only our own.
+
+    Yields whether this call started Ray. The local Ray binds nothing beyond 127.0.0.1 and starts no dashboard.
+    """
+    import ray
+
+    started = False
+    with quiet_ray():
+        if not ray.is_initialized():
+            if address is not None:
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers, num_gpus=gpus, include_dashboard=False, logging_level=logging.ERROR,
+                         log_to_driver=False, configure_logging=True)
+            started = True
+        try:
+            yield started
+        finally:
+            if started:
+                ray.shutdown()

@@ -1,0 +1,115 @@
+"""From a validated study to the concrete things a run needs: device, model source, sigma range, shape, bank.
+
+No silent fallbacks: a range the model does not advertise must come from the study (else a one-line error); a
+study range outside the model's is narrowed to it with a visible note; a cached bank that does not match is
+rebuilt with a note saying why. Notes are returned to the caller, which prints them and records them in
+results.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep_search.bank import Bank, build_bank
+from fewstep_search.denoiser import Denoiser, is_conditional, sigma_range
+from fewstep_search.models.source import ModelSource
+from fewstep_search.study import StudyConfig
+
+__all__ = ["resolve_device", "model_source", "resolve_range", "resolve_shape", "bank_expectation", "build_study_bank"]
+
+
+def resolve_device(device: str) -> str:
+    """The device string, checked: `cuda` on a machine without CUDA is a one-line error within seconds."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but this torch has no CUDA device "
+                             f"(torch {torch.__version__}); use device = \"cpu\" or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for, but MPS is not available on this machine")
+    return device
+
+
+def model_source(config: StudyConfig, *, study_path: Path | None) -> ModelSource:
+    """The study's model as a spec every process can load (relative paths follow the study file)."""
+    spec = config.model
+    return ModelSource(kind=spec.kind, path=spec.path, factory=spec.factory, options=dict(spec.options),
+                       device=config.device, base_dir=str(study_path.parent.resolve()) if study_path else None)
+
+
+def resolve_range(denoiser: Denoiser, config: StudyConfig, notes: list[str]) -> tuple[float, float]:
+    """The sigma range: the model's, narrowed by the study's; a study value outside the model's is clamped."""
+    lo_m = getattr(denoiser, "sigma_min", None)
+    hi_m = getattr(denoiser, "sigma_max", None)
+    lo_s, hi_s = config.model.sigma_min, config.model.sigma_max
+    if lo_m is None or hi_m is None:
+        if lo_s is None or hi_s is None:
+            raise ValueError(f"{type(denoiser).__name__} advertises no sigma range; set model.sigma_min and "
+                             "model.sigma_max in the study file")
+        return float(lo_s), float(hi_s)
+    lo, hi = sigma_range(denoiser)
+    if lo_s is not None:
+        if lo_s < lo:
+            notes.append(f"model.sigma_min = {lo_s:g} is below the model's trained range; using {lo:g}")
+        else:
+            lo = float(lo_s)
+    if hi_s is not None:
+        if hi_s > hi:
+            notes.append(f"model.sigma_max = {hi_s:g} is above the model's trained range; using {hi:g}")
+        else:
+            hi = float(hi_s)
+    if lo >= hi:
+        raise ValueError(f"the sigma range is empty: sigma_min={lo:g} >= sigma_max={hi:g}")
+    return lo, hi
+
+
+def resolve_shape(denoiser: Denoiser, config: StudyConfig) -> tuple[int, ...]:
+    shape = config.model.shape or getattr(denoiser, "shape", None)
+    if not shape:
+        raise ValueError("the model does not advertise its sample shape; set model.shape in the study file")
+    return tuple(int(s) for s in shape)
+
+
+def bank_expectation(config: StudyConfig, *, sigma_min: float, sigma_max: float, shape: tuple[int, ...],
+                     n_conditions: int) -> dict[str, Any]:
+    """The metadata a cached bank must have to be reused for this study."""
+    b = config.bank
+    return {"model_id": config.model.model_id, "sigma_min": sigma_min, "sigma_max": sigma_max, "shape": list(shape),
+            "n_trajectories": b.n_trajectories, "grid_size": b.grid_size, "seed": b.seed, "dtype": b.dtype,
+            "select_fraction": b.select_fraction, "test_fraction": b.test_fraction, "substeps": b.substeps,
+            "probes": b.probes, "gain_substeps": b.gain_substeps, "project_dim": b.project_dim,
+            "store_float16": b.store_float16, "n_conditions": n_conditions}
+
+
+def build_study_bank(denoiser: Denoiser, config: StudyConfig, *, sigma_min: float, sigma_max: float,
+                     shape: tuple[int, ...], progress: bool) -> Bank:
+    b = config.bank
+    return build_bank(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
+                      model_id=config.model.model_id, progress=progress, device=config.device,
+                      **b.model_dump(exclude={"dtype"}), dtype=getattr(torch, b.dtype))
+
+
+def cached_or_built_bank(denoiser: Denoiser, config: StudyConfig, *, load: Callable[[dict[str, Any]], tuple[
+        Bank | None, str | None]], save: Callable[[Bank], None], sigma_min: float, sigma_max: float,
+        shape: tuple[int, ...], progress: bool, notes: list[str]) -> tuple[Bank, bool]:
+    """(bank, built): the cached bank when it matches the study, else a new one (saved), with a note why."""
+    n_cond = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
+    expect = bank_expectation(config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape, n_conditions=n_cond)
+    bank, why = load(expect)
+    if bank is not None:
+        return bank, False
+    if why is not None:
+        notes.append(f"the cached bank was not reused ({why}); building a new one")
+    bank = build_study_bank(denoiser, config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape,
+                            progress=progress)
+    save(bank)
+    return bank, True
