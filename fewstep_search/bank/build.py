@@ -27,9 +27,12 @@ from fewstep_search.schedules import check_range
 from fewstep_search.solvers import rk4_interval
 
 __all__ = [
+    "BankAssembler",
     "BankPlan",
     "ChunkResult",
     "assemble",
+    "chunk_bytes",
+    "default_chunk",
     "build_bank",
     "estimate_bank_bytes",
     "log_grid",
@@ -40,6 +43,8 @@ __all__ = [
 _STREAM_START, _STREAM_PROBE, _STREAM_SPLIT, _STREAM_PROJECTION = 1, 2, 3, 4
 _STATES_IN_MEMORY_BYTES = 256 * 2**20
 """Default `keep_states`: keep the trajectory states when they take at most this much memory."""
+_CHUNK_BYTES = 512 * 2**20
+"""Default chunk size: at most this much working memory per chunk (its full-size states dominate)."""
 
 
 def log_grid(sigma_min: float, sigma_max: float, size: int) -> Tensor:
@@ -136,11 +141,12 @@ class BankPlan:
 
     def x_start(self, lo: int, hi: int) -> Tensor:
         """Start noise of trajectories lo..hi-1 (float64 draws, cast to the bank dtype)."""
-        rows = [
-            torch.randn(self.shape, generator=_generator(self.seed, _STREAM_START, k), dtype=torch.float64)
-            for k in range(lo, hi)
-        ]
-        return (torch.stack(rows) * self.sigma_max).to(self.torch_dtype)
+        # Filled row by row (not stacked from a list of float64 rows): K x d float64 is never all in memory.
+        out = torch.empty((hi - lo, *self.shape), dtype=self.torch_dtype)
+        for i, k in enumerate(range(lo, hi)):
+            row = torch.randn(self.shape, generator=_generator(self.seed, _STREAM_START, k), dtype=torch.float64)
+            out[i] = row * self.sigma_max
+        return out
 
     def probes_for(self, lo: int, hi: int) -> Tensor:
         """[(hi - lo) * probes, *shape] random covectors, trajectory-major (probes of one trajectory adjacent)."""
@@ -175,9 +181,23 @@ def estimate_bank_bytes(plan: BankPlan, *, chunk: int) -> dict[str, int]:
     if plan.keep_states:
         kept += k * m * d * item
     projection = d * r * 4 if r < d else 0
-    # One chunk: its states and outputs on the grid, the projected copy, and the gain sweep (probes, RK4 stages).
-    working = chunk * m * d * item * 2 + chunk * m * r * 8 + chunk * plan.probes * d * item * 12
-    return {"kept": kept, "projection": projection, "chunk": working, "total": kept + projection + working}
+    return {"kept": kept, "projection": projection, "chunk": chunk_bytes(plan, chunk),
+            "total": kept + projection + chunk_bytes(plan, chunk)}
+
+
+def chunk_bytes(plan: BankPlan, chunk: int) -> int:
+    """One chunk's working set: its states on the grid, its reduced outputs, and the gain sweep (probes, RK4)."""
+    m, d, r = plan.grid_size, plan.dim, plan.stored_dim
+    item = 4 if plan.dtype == "float32" else 8
+    return chunk * m * d * item + chunk * m * r * 8 + chunk * plan.probes * d * item * 12
+
+
+def default_chunk(plan: BankPlan, *, budget: int = _CHUNK_BYTES) -> int:
+    """Trajectories per chunk: min(K, 64), fewer when one chunk's working set would exceed `budget` bytes."""
+    chunk = min(plan.n_trajectories, 64)
+    while chunk > 1 and chunk_bytes(plan, chunk) > budget:
+        chunk //= 2
+    return chunk
 
 
 def _available_bytes() -> int | None:
@@ -219,20 +239,29 @@ class ChunkResult:
     states: Tensor | None
 
 
-def _solve_on_grid(den: Denoiser, x: Tensor, grid: Tensor, substeps: int, tick: Callable[[], None]) -> tuple[
-    Tensor, Tensor, Tensor
-]:
-    """Accurate solve along the grid; returns (x_end, outputs [B, M, *shape], states [B, M, *shape])."""
+def _solve_on_grid(den: Denoiser, x: Tensor, grid: Tensor, substeps: int, tick: Callable[[], None], *,
+                   reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Accurate solve along the grid; returns (x_end, reduced outputs [B, M, r], states [B, M, *shape]).
+
+    Each grid point's output is reduced (projected, cast) as soon as it is computed, into preallocated
+    tensors: the chunk never holds its full-size outputs, nor a list of rows beside a stacked copy.
+    """
     m, batch = grid.numel(), x.shape[0]
-    outs, states = [], []
+    states = x.new_empty((batch, m, *x.shape[1:]))
+    outs: Tensor | None = None
     for j in range(m):
         d = den(x, grid[j].to(x.dtype).expand(batch))
-        outs.append(d)
-        states.append(x)
+        states[:, j] = x
+        red = reduce(d)
+        if outs is None:
+            outs = red.new_empty((batch, m, red.shape[-1]))
+        outs[:, j] = red
         if j < m - 1:
             x = rk4_interval(den, x, grid[j], grid[j + 1], substeps=substeps, d0=d)
+        del d
         tick()
-    return x, torch.stack(outs, 1), torch.stack(states, 1)
+    assert outs is not None  # m >= 2
+    return x, outs, states
 
 
 def _gains(den: Denoiser, states: Tensor, grid: Tensor, v: Tensor, *, probes: int, substeps: int,
@@ -275,41 +304,78 @@ def solve_chunk(
     cond_chunk = None if cond is None else cond[lo:hi].to(device)
     den = bind_condition(denoiser, cond_chunk)
     xs = plan.x_start(lo, hi).to(device)
+    proj = None if projection is None else projection.to(device)
+    out_dtype = torch.float16 if plan.store_float16 else plan.torch_dtype
+
+    def reduce(d: Tensor) -> Tensor:
+        flat = d.flatten(1)
+        if proj is not None:
+            flat = flat.float() @ proj
+        return flat.to(out_dtype)
+
     with torch.no_grad():
-        x_end, outs, states = _solve_on_grid(den, xs, grid, plan.substeps, tick)
+        x_end, stored, states = _solve_on_grid(den, xs, grid, plan.substeps, tick, reduce=reduce)
     probe_den = bind_condition(denoiser, None if cond_chunk is None else cond_chunk.repeat_interleave(plan.probes))
     phi = _gains(probe_den, states, grid, plan.probes_for(lo, hi).to(device), probes=plan.probes,
                  substeps=plan.gain_substeps, tick=tick)
-    flat = outs.flatten(2)
-    if projection is not None:
-        flat = flat.float() @ projection.to(device)
-    stored = flat.to(torch.float16 if plan.store_float16 else plan.torch_dtype).cpu()
-    return ChunkResult(lo, hi, x_end.cpu(), stored, phi, states.cpu() if plan.keep_states else None)
+    kept = states.cpu() if plan.keep_states else None
+    del states
+    return ChunkResult(lo, hi, x_end.cpu(), stored.cpu(), phi, kept)
+
+
+class BankAssembler:
+    """Fills one bank's tensors chunk by chunk, so a build (or a folder of shards) is never held twice.
+
+    Preallocates x_end, denoised, phi (and states when the plan keeps them) for all K trajectories; `add`
+    copies a chunk in (any order, any sizes) and the caller drops the chunk; `bank()` checks that the chunks
+    covered 0..K-1 exactly once and returns the `Bank`.
+    """
+
+    def __init__(self, plan: BankPlan) -> None:
+        k, m, r = plan.n_trajectories, plan.grid_size, plan.stored_dim
+        self.plan = plan
+        self.x_end = torch.empty((k, *plan.shape), dtype=plan.torch_dtype)
+        self.denoised = torch.empty((k, m, r), dtype=torch.float16 if plan.store_float16 else plan.torch_dtype)
+        self.phi = torch.empty((k, m), dtype=torch.float64)
+        self.states = torch.empty((k, m, *plan.shape), dtype=plan.torch_dtype) if plan.keep_states else None
+        self._covered: list[tuple[int, int]] = []
+
+    def add(self, chunk: ChunkResult) -> None:
+        lo, hi = chunk.lo, chunk.hi
+        if not 0 <= lo < hi <= self.plan.n_trajectories:
+            raise ValueError(f"bank chunk {lo}..{hi} is outside 0..{self.plan.n_trajectories}")
+        if chunk.denoised.shape[1:] != self.denoised.shape[1:] or chunk.x_end.shape[0] != hi - lo:
+            raise ValueError(f"bank chunk {lo}..{hi} has outputs {tuple(chunk.denoised.shape)}, the plan "
+                             f"[{hi - lo}, {self.plan.grid_size}, {self.plan.stored_dim}]")
+        self.x_end[lo:hi] = chunk.x_end
+        self.denoised[lo:hi] = chunk.denoised
+        self.phi[lo:hi] = chunk.phi
+        if self.states is not None:
+            if chunk.states is None:
+                raise ValueError(f"bank chunk {lo}..{hi} has no states but the plan keeps them")
+            self.states[lo:hi] = chunk.states
+        self._covered.append((lo, hi))
+
+    def bank(self) -> Bank:
+        expect = 0
+        for lo, hi in sorted(self._covered):
+            if lo != expect:
+                raise ValueError(f"bank chunks do not cover the trajectories contiguously (gap or overlap at {expect})")
+            expect = hi
+        if expect != self.plan.n_trajectories:
+            raise ValueError(f"bank chunks cover {expect} of {self.plan.n_trajectories} trajectories")
+        plan = self.plan
+        return Bank(grid=plan.grid(), x_start=plan.x_start(0, plan.n_trajectories), x_end=self.x_end,
+                    denoised=self.denoised, phi=self.phi, split=plan.split(), states=self.states,
+                    projection=plan.projection(), cond=plan.cond(), meta=plan.meta())
 
 
 def assemble(plan: BankPlan, chunks: Sequence[ChunkResult]) -> Bank:
     """One bank from chunks that cover 0..K-1 (any order, any sizes)."""
-    chunks = sorted(chunks, key=lambda c: c.lo)
-    covered = [(c.lo, c.hi) for c in chunks]
-    expect = 0
-    for lo, hi in covered:
-        if lo != expect:
-            raise ValueError(f"bank chunks do not cover the trajectories contiguously (gap or overlap at {expect})")
-        expect = hi
-    if expect != plan.n_trajectories:
-        raise ValueError(f"bank chunks cover {expect} of {plan.n_trajectories} trajectories")
-    return Bank(
-        grid=plan.grid(),
-        x_start=plan.x_start(0, plan.n_trajectories),
-        x_end=torch.cat([c.x_end for c in chunks]),
-        denoised=torch.cat([c.denoised for c in chunks]),
-        phi=torch.cat([c.phi for c in chunks]),
-        split=plan.split(),
-        states=torch.cat([c.states for c in chunks]) if plan.keep_states else None,  # type: ignore[misc]
-        projection=plan.projection(),
-        cond=plan.cond(),
-        meta=plan.meta(),
-    )
+    out = BankAssembler(plan)
+    for c in chunks:
+        out.add(c)
+    return out.bank()
 
 
 def build_bank(
@@ -343,7 +409,8 @@ def build_bank(
         grid_size: M, the points of the log-sigma grid (the DP's resolution).
         substeps: RK4 sub-steps per grid cell for the reference solve (M=128, 2 sub-steps: ~1e-7 relative).
         probes: random covectors per trajectory for the gain phi; `gain_substeps` RK4 sub-steps in its VJPs.
-        batch_size: trajectories per chunk (memory; results do not depend on it); default min(K, 64).
+        batch_size: trajectories per chunk (memory; results do not depend on it); default min(K, 64), fewer
+            when one chunk's states would take more than 512 MiB (`default_chunk`).
         keep_states: store the trajectory states (default: when they fit in 256 MiB).
         store_float16 / project_dim: compress `denoised` for big models (B_w needs only distances).
         model_id: recorded in the metadata and checked when the bank is loaded again.
@@ -361,15 +428,15 @@ def build_bank(
         probes=probes, gain_substeps=gain_substeps, seed=seed, dtype=dtype_name, project_dim=project_dim,
         store_float16=store_float16, keep_states=keep, n_conditions=n_cond, model_id=model_id,
     )
-    chunk = batch_size or min(n_trajectories, 64)
-    if chunk < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunk = batch_size or default_chunk(plan)
     refuse_if_too_big(plan, chunk=chunk)
     projection = plan.projection()
     ticks = (2 * grid_size - 1) * math.ceil(n_trajectories / chunk)
-    parts = []
+    out = BankAssembler(plan)
     with task_progress("building reference bank", total=ticks, enabled=progress) as tick:
         for lo in range(0, n_trajectories, chunk):
             hi = min(n_trajectories, lo + chunk)
-            parts.append(solve_chunk(den, plan, lo, hi, device=device, projection=projection, tick=tick))
-    return assemble(plan, parts)
+            out.add(solve_chunk(den, plan, lo, hi, device=device, projection=projection, tick=tick))
+    return out.bank()
