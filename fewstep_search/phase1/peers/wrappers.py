@@ -5,8 +5,8 @@
 | gits          | GITS DP (`gits`)                | coeff=1.15, metric="l2", max_trajectories=128                      |
 | dm_nonuniform | DM-NonUniform (`dm_nonuniform`) | solver="lagrange3", lower_order_final=True, error_model="paper",   |
 |               |                                 | independent_steps=3, init="default", maxiter=300                   |
-| ays           | AYS-style KLUB (`ays`)          | data="auto", n_samples=256, quad_points=6, candidates=7,           |
-|               |                                 | max_sweeps=6, tol=1e-3, init="start"                               |
+| ays           | AYS-style KLUB (`ays`)          | data="auto", n_samples=128, quad_points=6, candidates=5,           |
+|               |                                 | max_sweeps=4, tol=1e-3, init="start"                               |
 | ld3           | LD3-style (`ld3`)               | radius=0.01, steps=100, lr=0.05, slack_lr=0.1, eval_every=10,      |
 |               |                                 | init="start"                                                       |
 | b0_dp         | B_0 DP (`objectives` + `dp`)    | (none)                                                             |
@@ -134,8 +134,8 @@ class AYSPeer(PeerOptimizer):
 
     name: ClassVar[str] = "ays"
 
-    def __init__(self, *, data: str = "auto", n_samples: int = 256, quad_points: int = 6, candidates: int = 7,
-                 max_sweeps: int = 6, tol: float = 1e-3, init: str = "start") -> None:
+    def __init__(self, *, data: str = "auto", n_samples: int = 128, quad_points: int = 6, candidates: int = 5,
+                 max_sweeps: int = 4, tol: float = 1e-3, init: str = "start") -> None:
         super().__init__(data=_choice("data", data, DATA_SOURCES), n_samples=_int("n_samples", n_samples),
                          quad_points=_int("quad_points", quad_points), candidates=_int("candidates", candidates),
                          max_sweeps=_int("max_sweeps", max_sweeps, 0), tol=_num("tol", tol, positive=False),
