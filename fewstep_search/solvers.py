@@ -216,13 +216,15 @@ def ipndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback =
     In the EDM convention the exponential integrator of the epsilon form is the identity in sigma, so a step is
     `x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * sum_j a_j eps_{i-j}` with the fixed equal-step coefficients
     (`_AB_COEFFS`), as DEIS and AMED use it; on non-uniform schedules those coefficients are an approximation (the
-    price of the fixed table). A final step into sigma = 0 uses the same formula (eps stays finite there).
+    price of the fixed table). A final step into sigma = 0 lands on `D(x_1, sigma_1)` (the export convention).
     """
     _check_sigmas(sigmas)
     history: list[Tensor] = []
     for i in range(sigmas.numel() - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = _denoise(denoiser, x, s, i, callback)
+        if float(s_next) == 0.0:
+            return d
         history.insert(0, (x - d) / s.to(x.dtype))
         del history[len(_AB_COEFFS):]
         coeffs = _AB_COEFFS[len(history) - 1]

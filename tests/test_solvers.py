@@ -46,7 +46,7 @@ class TestSolverConformance:
         assert torch.equal(out, get_solver(name)(gaussian, x, sig))
         assert seen and seen[0] == pytest.approx(80.0, rel=1e-12)
 
-    @pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"ipndm"}))  # iPNDM's last step is its AB formula too
+    @pytest.mark.parametrize("name", sorted(SOLVERS))
     def test_a_final_zero_lands_on_the_last_denoised_output(self, name: str, gaussian: SingleGaussian) -> None:
         """The export convention: the step into sigma = 0 returns D(x_1, sigma_1), at no extra model call."""
         from fewstep_search.export import export_sigmas
