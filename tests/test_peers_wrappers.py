@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from fewstep_search.bank import Bank, build_bank
 from fewstep_search.dp import dp_optimal
@@ -100,3 +102,23 @@ def test_lean_bank_and_missing_denoiser(bank: Bank, model: GaussianMixture) -> N
     no_model = Problem(objective="bw", parameterization=param, fit=bank.fit())
     with pytest.raises(ValueError, match="denoiser"):
         PEER_OPTIMIZERS["ld3"](**FAST["ld3"]).minimize(no_model, karras(3, LO, HI))
+
+
+@pytest.fixture
+def meta_default() -> Iterator[None]:
+    """Torch's default device set to `meta`: a tensor created without naming its device fails at once, as a CPU
+    tensor beside CUDA ones would on a GPU run (tests/test_devices.py's check, for the peers)."""
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("name", sorted(PEER_OPTIMIZERS))
+def test_peers_name_their_devices(name: str, bank: Bank, model: GaussianMixture, meta_default: None) -> None:
+    fit = bank.lean().fit() if name == "gits" else bank.fit()  # GITS re-solves the teacher on a lean bank
+    param = make_parameterization("logits", nfe=3, sigma_min=LO, sigma_max=HI)
+    problem = Problem(objective="direct", parameterization=param, fit=fit, denoiser=model)
+    res = PEER_OPTIMIZERS[name](**FAST[name]).minimize(problem, karras(3, LO, HI))
+    assert res.schedule.nfe == 3 and np.isfinite(res.value)

@@ -65,10 +65,10 @@ class KLUB:
             raise ValueError(f"x0 must be [n, *shape] with n >= 1, got shape {tuple(x0.shape)}")
         if quad_points < 1:
             raise ValueError(f"quad_points must be >= 1, got {quad_points}")
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
         self.denoiser, self.x0 = denoiser, x0
-        self.eps = torch.randn(x0.shape, generator=g, dtype=torch.float64).to(x0)
-        self.eps2 = torch.randn(x0.shape, generator=g, dtype=torch.float64).to(x0)
+        self.eps = torch.randn(x0.shape, generator=g, dtype=torch.float64, device="cpu").to(x0)
+        self.eps2 = torch.randn(x0.shape, generator=g, dtype=torch.float64, device="cpu").to(x0)
         nodes, weights = np.polynomial.legendre.leggauss(quad_points)
         self.nodes, self.weights = (nodes + 1) / 2, weights / 2
         self.batch_size = batch_size or 4096
@@ -89,7 +89,8 @@ class KLUB:
             if len(self._cache) >= 64:
                 self._cache.pop(next(iter(self._cache)))
             x_hi = self.x0 + hi * self.eps
-            self._cache[hi] = self._denoise(x_hi, torch.full((x_hi.shape[0],), hi).to(self.x0))
+            sigma = torch.full((x_hi.shape[0],), hi, dtype=x_hi.dtype, device=x_hi.device)
+            self._cache[hi] = self._denoise(x_hi, sigma)
         return self._cache[hi]
 
     def _sq_dist(self, t: Tensor, hi: float) -> Tensor:
@@ -116,7 +117,7 @@ class KLUB:
             raise ValueError(f"an interval needs 0 < lo < hi, got lo={lo}, hi={hi}")
         l_lo, l_hi = math.log(lo), math.log(hi)
         ls = l_lo + (l_hi - l_lo) * self.nodes
-        sq = self._sq_dist(torch.tensor(np.exp(ls), dtype=torch.float64), hi).numpy()
+        sq = self._sq_dist(torch.tensor(np.exp(ls), dtype=torch.float64, device="cpu"), hi).numpy()
         self.evaluations += 1
         return float(np.sum(self.weights * np.exp(-2 * ls) * sq) * (l_hi - l_lo) / self.dim)
 

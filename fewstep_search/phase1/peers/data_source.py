@@ -47,7 +47,7 @@ def data_samples(source: str, denoiser: object, n: int, *, seed: int = 0) -> Ten
         raise ValueError(f"unknown data source {source!r}; known: {', '.join(DATA_SOURCES)}")
     if n < 1:
         raise ValueError(f"need at least one data sample, got n={n}")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
     if source == "auto":
         if find_in_wrappers(denoiser, lambda o: callable(getattr(o, "sample_data", None))) is not None:
             source = "model"
@@ -69,6 +69,6 @@ def data_samples(source: str, denoiser: object, n: int, *, seed: int = 0) -> Ten
     from fewstep_search.data import digits_split
 
     train = digits_split().train_x
-    idx = torch.randperm(train.shape[0], generator=g)[:n] if n <= train.shape[0] else \
-        torch.randint(train.shape[0], (n,), generator=g)
+    idx = torch.randperm(train.shape[0], generator=g, device="cpu")[:n] if n <= train.shape[0] else \
+        torch.randint(train.shape[0], (n,), generator=g, device="cpu")
     return train[idx]

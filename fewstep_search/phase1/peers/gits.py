@@ -165,4 +165,4 @@ def gits_schedule(bank: Bank, nfe: int, *, denoiser: Denoiser | None = None, coe
     states, outputs = teacher_trajectory(bank, denoiser, max_trajectories=max_trajectories)
     cost = gits_cost_matrix(states, outputs, bank.grid, metric=metric)
     idx, _ = gits_dp(cost, nfe, coeff=coeff)
-    return Schedule(bank.grid[idx].double().cpu().numpy(), name="gits")
+    return Schedule(bank.grid.double().cpu().numpy()[idx], name="gits")

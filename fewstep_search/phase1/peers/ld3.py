@@ -111,4 +111,5 @@ def ld3_schedule(denoiser: Denoiser, bank: Bank, nfe: int, *, radius: float = 0.
             value = plain(sig)
             if value < best:
                 best, best_sig = value, sig
-    return LD3Result(Schedule(best_sig.double().numpy(), name="ld3"), best, slack.detach().clone(), rho, steps)
+    return LD3Result(Schedule(best_sig.detach().double().cpu().numpy(), name="ld3"), best, slack.detach().clone(), rho,
+                     steps)

@@ -181,7 +181,7 @@ class B0Peer(PeerOptimizer):
 
     def schedule(self, problem: Any, start: Schedule) -> Schedule:
         idx, _ = dp_optimal(grid_cost_matrix(problem.fit, "b0"), problem.nfe)
-        return Schedule(problem.fit.grid[idx].double().cpu().numpy(), name="b0")
+        return Schedule(problem.fit.grid.double().cpu().numpy()[idx], name="b0")
 
 
 PEER_OPTIMIZERS: dict[str, type[PeerOptimizer]] = {
