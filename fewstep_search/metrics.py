@@ -125,7 +125,8 @@ def classifier_from_file(path: str | Path, *, config: ClassifierConfig | None = 
             config = ClassifierConfig.from_dict(json.loads(meta.get("fewstep_search.config", "{}")))
         except (ValueError, TypeError) as err:
             raise WeightsFileError(f"{path}: bad architecture config in metadata ({err})") from err
-    model = DigitsClassifier(config)
+    with torch.device("cpu"):  # metrics run on the CPU, whatever torch's default device is
+        model = DigitsClassifier(config)
     load_state_checked(model, state, path)
     return model.eval()
 

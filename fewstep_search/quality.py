@@ -30,15 +30,15 @@ def sample(denoiser: Denoiser, schedule: Schedule, *, n: int, shape: tuple[int, 
            solver: str = "ddim", batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
     """n samples from seeded noise at sigma_max, solved with `schedule` (its last step lands on sigma_min)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, *shape), generator=gen, dtype=torch.float64) * schedule.sigma_max
+    x = torch.randn((n, *shape), generator=gen, dtype=torch.float64, device="cpu") * schedule.sigma_max
     solve = get_solver(solver)
     sigmas = schedule.tensor(device=device)
     out = []
     with torch.no_grad():
         for lo in range(0, n, batch_size):
             xb = x[lo : lo + batch_size].to(device=device, dtype=torch.float32)
-            cond = torch.arange(lo, lo + xb.shape[0]) % len(denoiser.conditions) if is_conditional(  # type: ignore
-                denoiser) else None
+            cond = (torch.arange(lo, lo + xb.shape[0], device=device) % len(denoiser.conditions)  # type: ignore
+                    if is_conditional(denoiser) else None)
             out.append(solve(bind_condition(denoiser, cond), xb, sigmas.to(xb.dtype)).cpu())
     return torch.cat(out)
 

@@ -108,8 +108,8 @@ class Schedule:
         return float(self.sigmas[-1])
 
     def tensor(self, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
-        """The sigmas as a descending 1-D tensor (what solvers take)."""
-        return torch.tensor(self.sigmas, dtype=dtype, device=device)
+        """The sigmas as a descending 1-D tensor (what solvers take), on the CPU unless `device` says."""
+        return torch.tensor(self.sigmas, dtype=dtype, device="cpu" if device is None else device)
 
     def with_final_zero(self) -> np.ndarray:
         """Deprecated: appends a 0, which costs `nfe + 1` calls; use `fewstep_search.export.export_sigmas`.
@@ -279,4 +279,4 @@ def logits_from_sigmas(sigmas: Sequence[float] | np.ndarray | Schedule) -> Tenso
     dec = -np.diff(np.log(arr))
     if np.any(dec <= 0):
         raise ValueError("sigmas must be strictly decreasing to convert to logits")
-    return torch.tensor(np.log(dec / dec.sum()), dtype=torch.float64)
+    return torch.tensor(np.log(dec / dec.sum()), dtype=torch.float64, device="cpu")

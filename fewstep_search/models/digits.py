@@ -227,7 +227,7 @@ class EDMDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """Runs on the network's device whatever x's; the output has x's device and dtype."""
         dev = self.net.inp.weight.device
-        sigma_t = torch.as_tensor(sigma, dtype=torch.float64).to(dev)
+        sigma_t = torch.as_tensor(sigma, dtype=torch.float64, device=dev)
         if sigma_t.ndim == 0:
             sigma_t = sigma_t.expand(x.shape[0])
         if sigma_t.shape != (x.shape[0],):
@@ -332,9 +332,10 @@ def from_file(
                 raise WeightsFileError(f"{path}: bad architecture config in metadata ({err})") from err
         else:
             config = DigitsNetConfig.from_dict(shipped_card()["architecture"])  # type: ignore[arg-type]
-    model = EDMDenoiser(DigitsUNet(config))
+    with torch.device(device):  # built where it will run, whatever torch's default device is
+        model = EDMDenoiser(DigitsUNet(config))
     load_state_checked(model.net, state, path)
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_digits(device: str | torch.device = "cpu") -> EDMDenoiser:

@@ -37,16 +37,17 @@ class GaussianMixture:
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
     ) -> None:
-        means = torch.as_tensor(means, dtype=torch.float64)
+        means = torch.as_tensor(means, dtype=torch.float64, device="cpu")
         if means.ndim != 2:
             raise ValueError(f"means must be [components, dim], got shape {tuple(means.shape)}")
-        stds = torch.as_tensor(stds, dtype=torch.float64)
+        stds = torch.as_tensor(stds, dtype=torch.float64, device="cpu")
         if stds.ndim == 1:
             stds = stds[:, None].expand_as(means)
         if stds.shape != means.shape or bool(torch.any(stds <= 0)):
             raise ValueError("stds must be positive and shaped like means ([C, d]) or [C]")
         c = means.shape[0]
-        w = torch.full((c,), 1.0 / c, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+        w = (torch.full((c,), 1.0 / c, dtype=torch.float64, device="cpu") if weights is None
+             else torch.as_tensor(weights, device="cpu").double())
         if w.shape != (c,) or bool(torch.any(w <= 0)):
             raise ValueError("weights must be [C] and positive")
         self.means, self.stds, self.weights = means.contiguous(), stds.contiguous(), w / w.sum()
@@ -74,7 +75,7 @@ class GaussianMixture:
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw n data points x0 (float64)."""
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator, device="cpu")
         return self.means[comp] + self.stds[comp] * eps
 
     @classmethod
@@ -93,10 +94,10 @@ class GaussianMixture:
             raise ValueError(f"dim and n_components must be >= 1, got {dim}, {n_components}")
         g = torch.Generator().manual_seed(seed)
         lo, hi = mean_range
-        means = lo + (hi - lo) * torch.rand(n_components, dim, generator=g, dtype=torch.float64)
+        means = lo + (hi - lo) * torch.rand(n_components, dim, generator=g, dtype=torch.float64, device="cpu")
         slo, shi = std_range
-        stds = slo + (shi - slo) * torch.rand(n_components, dim, generator=g, dtype=torch.float64)
-        weights = 0.5 + torch.rand(n_components, generator=g, dtype=torch.float64)
+        stds = slo + (shi - slo) * torch.rand(n_components, dim, generator=g, dtype=torch.float64, device="cpu")
+        weights = 0.5 + torch.rand(n_components, generator=g, dtype=torch.float64, device="cpu")
         return cls(means, stds, weights, **kwargs)
 
 
@@ -112,8 +113,8 @@ class SingleGaussian(GaussianMixture):
     """
 
     def __init__(self, mean: Tensor, std: Tensor, **kwargs: float) -> None:
-        mean = torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1)
-        std = torch.as_tensor(std, dtype=torch.float64).reshape(1, -1).expand_as(mean)
+        mean = torch.as_tensor(mean, dtype=torch.float64, device="cpu").reshape(1, -1)
+        std = torch.as_tensor(std, dtype=torch.float64, device="cpu").reshape(1, -1).expand_as(mean)
         super().__init__(mean, std, **kwargs)
 
     def exact_flow(self, x: Tensor, sigma_from: float, sigma_to: float) -> Tensor:

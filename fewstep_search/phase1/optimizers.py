@@ -167,9 +167,9 @@ class Adam(ScheduleOptimizer):
         return {"steps": self.steps, "lr": self.lr}
 
     def run(self, problem: Problem, start: Schedule) -> None:
-        lo, hi = (torch.tensor(b, dtype=torch.float64) for b in problem.parameterization.bounds())
+        lo, hi = (torch.tensor(b, dtype=torch.float64, device="cpu") for b in problem.parameterization.bounds())
         # theta lives on the CPU: parameterizations are tiny; the objective moves sigmas to the bank's device.
-        theta = torch.tensor(theta0(problem, start), dtype=torch.float64, requires_grad=True)
+        theta = torch.tensor(theta0(problem, start), dtype=torch.float64, device="cpu", requires_grad=True)
         opt = torch.optim.Adam([theta], lr=self.lr)
         for _ in range(self.steps + 1):
             opt.zero_grad()

@@ -103,10 +103,10 @@ class Parameterization(ABC):
         self._check_start(start)
         from scipy.optimize import minimize
 
-        target = torch.tensor(np.log(start.sigmas), dtype=torch.float64)
+        target = torch.tensor(np.log(start.sigmas), dtype=torch.float64, device="cpu")
 
         def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-            th = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+            th = torch.tensor(x, dtype=torch.float64, device="cpu", requires_grad=True)
             loss = (torch.log(self.decode(th)) - target).pow(2).sum()
             loss.backward()
             return float(loss.detach()), th.grad.numpy().copy()  # type: ignore[union-attr]
@@ -124,7 +124,8 @@ class Parameterization(ABC):
 
     def schedule(self, theta: np.ndarray | Tensor, *, name: str | None = None) -> Schedule:
         """The (detached) schedule of theta."""
-        th = torch.as_tensor(np.asarray(theta, dtype=np.float64) if not isinstance(theta, Tensor) else theta)
+        th = torch.as_tensor(np.asarray(theta, dtype=np.float64) if not isinstance(theta, Tensor) else theta,
+                             device="cpu")
         with torch.no_grad():
             return Schedule(self.decode(th.double()).numpy(), name=name or self.name)
 
@@ -136,7 +137,7 @@ class Parameterization(ABC):
 
     def _ramp(self) -> Tensor:
         """t_i = i / N for the interior nodes i = 1..N-1."""
-        return torch.arange(1, self.nfe, dtype=torch.float64) / self.nfe
+        return torch.arange(1, self.nfe, dtype=torch.float64, device="cpu") / self.nfe
 
     def _check_start(self, start: Schedule) -> None:
         if start.nfe != self.nfe:
@@ -197,8 +198,8 @@ class Nodes(Parameterization):
         return self._ramp().numpy()
 
     def decode(self, theta: Tensor) -> Tensor:
-        lo, hi = (torch.tensor(b) for b in self.bounds())
-        steps = torch.arange(theta.numel(), dtype=theta.dtype) * MIN_GAP
+        lo, hi = (torch.tensor(b, device="cpu") for b in self.bounds())
+        steps = torch.arange(theta.numel(), dtype=theta.dtype, device="cpu") * MIN_GAP
         # cummax of (p_i - i gap) makes every gap >= MIN_GAP; the per-node upper bounds keep the last below 1.
         return self._from_positions(torch.cummax(torch.clamp(theta, lo, hi) - steps, 0).values + steps)
 
@@ -262,8 +263,8 @@ def beta_cdf(x: Tensor, a: Tensor, b: Tensor, *, points: int = 64) -> Tensor:
     1/2 the symmetry `I_x(a, b) = 1 - I_{1-x}(b, a)` is used. Accurate to ~1e-6 for a, b in [1/3, 3].
     """
     z, w = np.polynomial.legendre.leggauss(points)
-    u = torch.tensor((z + 1) / 2, dtype=torch.float64)
-    wt = torch.tensor(w, dtype=torch.float64)
+    u = torch.tensor((z + 1) / 2, dtype=torch.float64, device="cpu")
+    wt = torch.tensor(w, dtype=torch.float64, device="cpu")
     log_beta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
 
     def lower(xv: Tensor, p: Tensor, q: Tensor) -> Tensor:
@@ -357,7 +358,7 @@ class GridIndices(Parameterization):
         super().__init__(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max)
         if grid is None:
             raise ValueError("the 'grid' parameterization needs the bank's grid")
-        self.grid = torch.as_tensor(grid, dtype=torch.float64)
+        self.grid = torch.as_tensor(grid, dtype=torch.float64, device="cpu")  # coordinates live on the CPU
         if self.grid.numel() < nfe + 1:
             raise ValueError(
                 f"nfe={nfe} needs a grid of at least {nfe + 1} points, the grid has {self.grid.numel()}"
@@ -377,7 +378,8 @@ class GridIndices(Parameterization):
 
     def decode(self, theta: Tensor) -> Tensor:
         m = self.grid.numel()
-        idx = torch.cat([torch.zeros(1), theta.detach().round(), torch.full((1,), m - 1.0)]).long()
+        idx = torch.cat([torch.zeros(1, device="cpu"), theta.detach().cpu().round(),
+                         torch.full((1,), m - 1.0, device="cpu")]).long()
         if not bool(torch.all(idx[1:] > idx[:-1])):
             raise ValueError(f"grid indices must be strictly increasing, got {idx.tolist()}")
         return self.grid[idx]

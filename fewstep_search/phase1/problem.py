@@ -170,7 +170,7 @@ class Problem:
     def value(self, theta: np.ndarray | Tensor) -> float:
         """The objective of theta, without gradients."""
         with torch.no_grad():
-            return float(self.loss(torch.as_tensor(np.asarray(theta, dtype=np.float64))))
+            return float(self.loss(torch.as_tensor(np.asarray(theta, dtype=np.float64), device="cpu")))
 
     def value_of(self, schedule: Schedule) -> float:
         """The objective of a schedule (any schedule with the bank's endpoints, not only the family's)."""
@@ -179,7 +179,7 @@ class Problem:
 
     def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """(objective, d objective / d theta) for scipy-style optimizers."""
-        th = torch.tensor(np.asarray(theta, dtype=np.float64), requires_grad=True)
+        th = torch.tensor(np.asarray(theta, dtype=np.float64), device="cpu", requires_grad=True)
         loss = self.loss(th)
         (grad,) = torch.autograd.grad(loss, th)
         return float(loss.detach()), grad.cpu().numpy().copy()
