@@ -14,6 +14,7 @@ from fewstep_search.bank import Bank, build_bank
 from fewstep_search.dp import dp_optimal
 from fewstep_search.models.mixture import GaussianMixture
 from fewstep_search.phase1.peers.gits import (
+    gits_bank_cost,
     gits_cost_matrix,
     gits_dp,
     gits_path_cost,
@@ -119,3 +120,17 @@ def test_schedule_lies_on_the_grid_with_exact_endpoints(bank: Bank) -> None:
         assert all(np.isclose(grid, v, rtol=1e-15).any() for v in s.sigmas)
     with pytest.raises(ValueError, match="nfe"):
         gits_schedule(bank, 40)
+
+
+
+@pytest.mark.parametrize("metric", ["l2", "l1", "dev"])
+def test_cost_accumulated_in_chunks_is_the_full_mean(bank: Bank, model: GaussianMixture, metric: str) -> None:
+    """Chunks of 7 trajectories (bounded memory; the last chunk smaller), also re-solved on a lean bank, give the
+    cost matrix of all trajectories at once."""
+    states, outputs = teacher_trajectory(bank)
+    full = gits_cost_matrix(states, outputs, bank.grid, metric=metric)  # type: ignore[arg-type]
+    upper = torch.isfinite(full)
+    for b, den in ((bank, None), (bank.lean(), model)):
+        chunked = gits_bank_cost(b, denoiser=den, metric=metric, batch_size=7)  # type: ignore[arg-type]
+        assert torch.equal(torch.isfinite(chunked), upper)
+        assert torch.allclose(chunked[upper], full[upper], rtol=1e-9, atol=1e-12)

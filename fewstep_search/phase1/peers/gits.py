@@ -31,8 +31,8 @@ from fewstep_search.denoiser import Denoiser, bind_condition
 from fewstep_search.schedules import Schedule
 from fewstep_search.solvers import rk4_interval
 
-__all__ = ["GITS_COEFF", "Metric", "teacher_trajectory", "gits_cost_matrix", "gits_dp", "gits_path_cost",
-           "gits_schedule"]
+__all__ = ["GITS_COEFF", "Metric", "teacher_trajectory", "gits_cost_matrix", "gits_bank_cost", "gits_dp",
+           "gits_path_cost", "gits_schedule"]
 
 GITS_COEFF = 1.15
 """The paper's cost coefficient."""
@@ -155,14 +155,32 @@ def gits_path_cost(cost: Tensor | np.ndarray, indices: np.ndarray | list[int], *
     return float(sum(coeff**n * c[idx[n], idx[n + 1]] for n in range(idx.size - 1)))
 
 
+def gits_bank_cost(bank: Bank, *, denoiser: Denoiser | None = None, metric: Metric = "l2",
+                   max_trajectories: int | None = None, batch_size: int = 64) -> Tensor:
+    """The GITS cost matrix of the bank's first `max_trajectories` teacher trajectories, accumulated `batch_size`
+    trajectories at a time (it is a mean over trajectories), so memory stays O(batch_size M d) even where the
+    teacher is re-solved."""
+    k = bank.n_trajectories if max_trajectories is None else min(bank.n_trajectories, int(max_trajectories))
+    if k < 1 or batch_size < 1:
+        raise ValueError("GITS needs at least one teacher trajectory and batch_size >= 1")
+    total: Tensor | None = None
+    for lo in range(0, k, batch_size):
+        part = bank.subset(torch.arange(lo, min(k, lo + batch_size), device="cpu"))
+        states, outputs = teacher_trajectory(part, denoiser, batch_size=batch_size)
+        c = gits_cost_matrix(states, outputs, bank.grid, metric=metric) * part.n_trajectories
+        total = c if total is None else total + c
+    assert total is not None
+    return total / k
+
+
 def gits_schedule(bank: Bank, nfe: int, *, denoiser: Denoiser | None = None, coeff: float = GITS_COEFF,
-                  metric: Metric = "l2", max_trajectories: int | None = None) -> Schedule:
+                  metric: Metric = "l2", max_trajectories: int | None = None, batch_size: int = 64) -> Schedule:
     """The GITS schedule of `nfe` steps on the bank grid, from the bank's (fit) teacher trajectories.
 
     Example:
         >>> # s = gits_schedule(bank.fit(), 6, denoiser=model)   # nodes are bank-grid points
     """
-    states, outputs = teacher_trajectory(bank, denoiser, max_trajectories=max_trajectories)
-    cost = gits_cost_matrix(states, outputs, bank.grid, metric=metric)
+    cost = gits_bank_cost(bank, denoiser=denoiser, metric=metric, max_trajectories=max_trajectories,
+                          batch_size=batch_size)
     idx, _ = gits_dp(cost, nfe, coeff=coeff)
     return Schedule(bank.grid.double().cpu().numpy()[idx], name="gits")
