@@ -34,9 +34,16 @@ from fewstep_search.phase1.engine import Executor, InProcessExecutor, TrialConte
 from fewstep_search.phase1.portfolio import trial_specs
 from fewstep_search.phase1.record import OptunaRecord, sqlite_url
 from fewstep_search.phase1.registry import OptimizerFactory
-from fewstep_search.phase1.trials import TrialRecord, score_schedule
+from fewstep_search.phase1.trials import TrialRecord, errors_by_condition, score_schedule
 from fewstep_search.quality import sample_quality_of
-from fewstep_search.resolve import cached_or_built_bank, model_source, resolve_device, resolve_range, resolve_shape
+from fewstep_search.resolve import (
+    cached_or_built_bank,
+    check_conditions,
+    model_source,
+    resolve_device,
+    resolve_range,
+    resolve_shape,
+)
 from fewstep_search.rundir import RunDir
 from fewstep_search.schedules import Schedule
 from fewstep_search.study import StudyConfig
@@ -119,6 +126,7 @@ class _Run:
         resolve_device(config.device)
         self.teacher_source = model_source(config, study_path=options.study_path)
         self.teacher = self.teacher_source.load(cache=False)  # a model that does not load writes nothing
+        self.n_conditions = check_conditions(self.teacher, self.teacher_source)
         self.run_id = rundir.prepare(config, study_path=options.study_path)
         self.sigma_min, self.sigma_max = resolve_range(self.teacher, config, self.notes)
         self.shape = resolve_shape(self.teacher, config)
@@ -188,7 +196,12 @@ class _Run:
         if result.resumed:
             self.note(f"round {r}: {result.resumed} of {len(self.specs)} trials were read back from the Optuna "
                       f"record {name}")
-        summary = {"round": r, "nfe": self.config.nfe, "model": model.model_id, **result.summary(),
+        best_row = result.summary()
+        if bank.cond is not None and result.winner.schedule is not None:
+            best_row["best"]["test_error_by_condition"] = errors_by_condition(
+                model.load(), bank.test().to(self.config.device), result.winner.schedule,
+                solver=result.winner.spec.solver, batch_size=self.config.bank.batch_size)
+        summary = {"round": r, "nfe": self.config.nfe, "model": model.model_id, **best_row,
                    "seconds": time.perf_counter() - t0,
                    "optuna": {"storage": record.public_storage, "study": name}}
         self.rundir.write_phase1(r, summary)
@@ -199,8 +212,11 @@ class _Run:
         scores = score_schedule(model, bank.to(self.config.device), schedule, solver=solver,
                                 batch_size=self.config.bank.batch_size, parts=("select", "test"))
         quality = sample_quality_of(model, schedule, solver=solver, device=self.config.device)
+        by_cond = errors_by_condition(model, bank.test().to(self.config.device), schedule, solver=solver,
+                                      batch_size=self.config.bank.batch_size)
         return {"select_error": scores["select_error"], "test_error": scores["test_error"],
-                **({"fd": quality["fd"], "confidence": quality["confidence"]} if quality else {})}
+                **({"fd": quality["fd"], "confidence": quality["confidence"]} if quality else {}),
+                **({"test_error_by_condition": by_cond} if by_cond else {})}
 
 
 def _schedule_of(row: Mapping[str, Any]) -> Schedule:
@@ -234,7 +250,9 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
     heur = p1["best_heuristic"]
     baselines: dict[str, Any] = {
         "phase1": {"name": p1["best"]["name"], "select_error": p1["best"]["select_error"],
-                   "test_error": p1["best"]["test_error"], "solver": p1["best"]["solver"]},
+                   "test_error": p1["best"]["test_error"], "solver": p1["best"]["solver"],
+                   **({"test_error_by_condition": p1["best"]["test_error_by_condition"]}
+                      if "test_error_by_condition" in p1["best"] else {})},
     }
     if heur is not None:
         baselines["best_heuristic"] = {"name": heur["name"], "select_error": heur["select_error"],

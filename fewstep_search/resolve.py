@@ -39,11 +39,58 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def model_source(config: StudyConfig, *, study_path: Path | None) -> ModelSource:
-    """The study's model as a spec every process can load (relative paths follow the study file)."""
+def read_conditions(config: StudyConfig, *, study_path: Path | None) -> list[Any] | None:
+    """The study's conditions: `model.conditions`, or the file `model.conditions_file` (JSON list or lines)."""
+    import json
+
     spec = config.model
-    return ModelSource(kind=spec.kind, path=spec.path, factory=spec.factory, options=dict(spec.options),
+    if spec.conditions:
+        return list(spec.conditions)
+    if not spec.conditions_file:
+        return None
+    path = Path(spec.conditions_file).expanduser()
+    if not path.is_absolute() and study_path is not None:
+        path = study_path.parent / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"model.conditions_file {path} cannot be read: {exc.strerror or exc}") from None
+    if path.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model.conditions_file {path} is not valid JSON: {exc}") from None
+        if not isinstance(values, list):
+            raise ValueError(f"model.conditions_file {path} must hold a JSON list")
+    else:
+        values = [line.strip() for line in text.splitlines() if line.strip()]
+    if not values:
+        raise ValueError(f"model.conditions_file {path} lists no conditions")
+    return values
+
+
+def model_source(config: StudyConfig, *, study_path: Path | None) -> ModelSource:
+    """The study's model as a spec every process can load (relative paths follow the study file).
+
+    The study's conditions reach the model's factory as its `conditions` keyword argument.
+    """
+    spec = config.model
+    options = dict(spec.options)
+    conditions = read_conditions(config, study_path=study_path)
+    if conditions is not None:
+        options["conditions"] = conditions
+    return ModelSource(kind=spec.kind, path=spec.path, factory=spec.factory, options=options,
                        device=config.device, base_dir=str(study_path.parent.resolve()) if study_path else None)
+
+
+def check_conditions(denoiser: Denoiser, source: ModelSource) -> int:
+    """The number of conditions; ValueError when the study lists conditions the model does not take."""
+    listed = source.options.get("conditions")
+    have = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
+    if listed is not None and have != len(listed):
+        raise ValueError(f"the study lists {len(listed)} conditions but the model advertises "
+                         f"{have or 'no'} `conditions`; its factory must return a conditional denoiser")
+    return have
 
 
 def resolve_range(denoiser: Denoiser, config: StudyConfig, notes: list[str]) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["GaussianMixture", "SingleGaussian", "builtin_mixture"]
+__all__ = ["GaussianMixture", "SingleGaussian", "ConditionalMixture", "builtin_mixture", "conditional_mixture"]
 
 
 class GaussianMixture:
@@ -121,3 +121,66 @@ class SingleGaussian(GaussianMixture):
         var = (self.stds[0] ** 2).to(x)
         mu = self.means[0].to(x)
         return mu + (x - mu) * torch.sqrt(var + sigma_to**2) / torch.sqrt(var + sigma_from**2)
+
+
+class ConditionalMixture:
+    """A class-conditional exact model: class c's data is its own Gaussian mixture (the conditional toy model).
+
+    `D(x, sigma, cond)` with `cond` [B] class indices into `conditions`; with `guidance_scale` w != 1 it returns the
+    classifier-free-guided denoiser `D_uncond + w (D_cond - D_uncond)` (D_uncond: the marginal over classes), as
+    conditional samplers run it. Satisfies `fewstep_search.denoiser.ConditionalDenoiser`.
+    """
+
+    prediction_type = "x0"
+
+    def __init__(self, classes: list[GaussianMixture], *, conditions: tuple[object, ...] | None = None,
+                 guidance_scale: float = 1.0) -> None:
+        if not classes:
+            raise ValueError("a conditional mixture needs at least one class")
+        dims = {c.dim for c in classes}
+        if len(dims) != 1:
+            raise ValueError(f"every class must have the same dimension, got {sorted(dims)}")
+        self.classes = list(classes)
+        self.conditions = tuple(conditions) if conditions is not None else tuple(range(len(classes)))
+        if len(self.conditions) != len(classes):
+            raise ValueError(f"{len(self.conditions)} conditions for {len(classes)} classes")
+        self.guidance_scale = float(guidance_scale)
+        self.sigma_min, self.sigma_max = classes[0].sigma_min, classes[0].sigma_max
+        self.marginal = GaussianMixture(torch.cat([c.means for c in classes]), torch.cat([c.stds for c in classes]),
+                                        torch.cat([c.weights / len(classes) for c in classes]),
+                                        sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.classes[0].shape
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+        cond = cond.to(x.device).long()
+        out = torch.empty_like(x)
+        for c in torch.unique(cond).tolist():
+            rows = cond == c
+            out[rows] = self.classes[c](x[rows], sigma[rows])
+        if self.guidance_scale != 1.0:
+            uncond = self.marginal(x, sigma)
+            out = uncond + self.guidance_scale * (out - uncond)
+        return out
+
+    @classmethod
+    def random(cls, dim: int, *, n_classes: int = 3, components: int = 4, seed: int = 0,
+               conditions: tuple[object, ...] | None = None, guidance_scale: float = 1.0) -> ConditionalMixture:
+        """Seeded classes whose means sit in separate parts of space (so the conditions really differ)."""
+        classes = []
+        for c in range(n_classes):
+            offset = -0.6 + 1.2 * c / max(n_classes - 1, 1)
+            classes.append(GaussianMixture.random(dim, n_components=components, seed=seed + 101 * c,
+                                                  mean_range=(offset - 0.25, offset + 0.25)))
+        return cls(classes, conditions=conditions, guidance_scale=guidance_scale)
+
+
+def conditional_mixture(*, conditions: list[object] | None = None, dim: int = 8, seed: int = 0,
+                        guidance_scale: float = 1.0, device: str = "cpu") -> ConditionalMixture:
+    """Factory for studies: `kind = "factory"`, `factory = "fewstep_search.models.mixture:conditional_mixture"`,
+    with `conditions = [...]` in the [model] table (one class per condition)."""
+    conds = tuple(conditions) if conditions else (0, 1, 2)
+    return ConditionalMixture.random(dim, n_classes=len(conds), seed=seed, conditions=conds,
+                                     guidance_scale=guidance_scale)

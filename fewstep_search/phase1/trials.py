@@ -42,6 +42,7 @@ __all__ = [
     "Progress",
     "run_trial",
     "score_schedule",
+    "errors_by_condition",
     "FIRST_ORDER_SOLVERS",
     "METRIC_KEYS",
 ]
@@ -247,6 +248,26 @@ def score_schedule(
             first_order = solver in FIRST_ORDER_SOLVERS
             out["bw"] = float(bound(test, s, "bw")) if first_order else math.nan
             out["b0"] = float(bound(test, s, "b0")) if first_order else math.nan
+    return out
+
+
+def errors_by_condition(denoiser: Denoiser, bank: Bank, schedule: Schedule, *, solver: str = "ddim",
+                        batch_size: int | None = None) -> dict[str, float] | None:
+    """E of a schedule per condition on `bank`'s trajectories (None for an unconditional model).
+
+    Keys are the conditions as the model advertises them (`str(conditions[c])`): one schedule serves the whole
+    set, and this shows how evenly.
+    """
+    if bank.cond is None:
+        return None
+    labels = [str(c) for c in getattr(denoiser, "conditions", ())] or None
+    s = schedule.tensor(device=bank.device)
+    out = {}
+    with torch.no_grad():
+        for c in torch.unique(bank.cond).tolist():
+            part = bank.subset(torch.nonzero(bank.cond == c).flatten())
+            key = labels[c] if labels is not None and c < len(labels) else str(c)
+            out[key] = float(true_error(denoiser, part, s, solver=solver, batch_size=batch_size))
     return out
 
 

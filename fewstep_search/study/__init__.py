@@ -60,13 +60,18 @@ class ModelSpec(Strict):
     sigma_min: float | None = Field(default=None, gt=0, description="narrow the model's advertised range")
     sigma_max: float | None = Field(default=None, gt=0)
     shape: list[int] | None = Field(default=None, description="per-sample shape, where the model does not say")
+    conditions: list[str | int | float] | None = Field(
+        default=None, min_length=1, description="conditions (class labels, prompts) the schedule is searched over")
+    conditions_file: str | None = Field(default=None, description="a JSON list, or one condition per line")
 
     @property
     def model_id(self) -> str:
         """A stable identity for bank metadata: a bank built for one model is never reused for another."""
         ref = self.path or self.factory or ""
         opts = json.dumps(self.options, sort_keys=True) if self.options else ""
-        return ":".join(p for p in (self.kind, ref, opts) if p)
+        conds = f"conditions={json.dumps(self.conditions)}" if self.conditions else (
+            f"conditions_file={self.conditions_file}" if self.conditions_file else "")
+        return ":".join(p for p in (self.kind, ref, opts, conds) if p)
 
     @model_validator(mode="after")
     def _needs(self) -> ModelSpec:
@@ -76,6 +81,12 @@ class ModelSpec(Strict):
             raise ValueError(f"model.kind = '{self.kind}' needs model.factory = 'module:function'")
         if self.kind == "flow" and not (self.path or self.factory):
             raise ValueError("model.kind = 'flow' needs model.path (a diffusers folder) or model.factory")
+        if self.conditions and self.conditions_file:
+            raise ValueError("give model.conditions or model.conditions_file, not both")
+        if (self.conditions or self.conditions_file) and self.kind not in ("factory", "flow", "edm"):
+            raise ValueError(f"model.kind = '{self.kind}' takes no conditions (a factory model can)")
+        if "conditions" in self.options:
+            raise ValueError("list conditions as model.conditions, not inside model.options")
         return self
 
 
