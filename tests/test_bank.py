@@ -124,3 +124,30 @@ def test_a_bank_too_big_for_the_machine_is_refused_before_any_work() -> None:
                      keep_states=False, project_dim=256, store_float16=True, dtype="float32")
     assert estimate_bank_bytes(small, chunk=8)["total"] < 2 * 2**30
     refuse_if_too_big(small, chunk=8, available=8 * 2**30)
+
+
+def test_the_default_chunk_bounds_a_large_models_working_set() -> None:
+    """d = 16384, K = 1024, M = 256: a chunk of 64 would hold 4 GiB of states; the default stays under 512 MiB."""
+    from fewstep_search.bank.build import chunk_bytes, default_chunk
+
+    big = BankPlan(shape=(4, 64, 64), sigma_min=0.002, sigma_max=80.0, n_trajectories=1024, grid_size=256,
+                   dtype="float32", project_dim=256, store_float16=True, keep_states=False)
+    chunk = default_chunk(big)
+    assert 1 <= chunk < 64 and chunk_bytes(big, chunk) <= 512 * 2**20
+    assert estimate_bank_bytes(big, chunk=chunk)["total"] < 1 * 2**30
+    small = BankPlan(shape=(8,), sigma_min=0.002, sigma_max=80.0, n_trajectories=100, grid_size=48)
+    assert default_chunk(small) == 64
+
+
+def test_chunks_assemble_in_any_order_and_gaps_are_refused(mixture8) -> None:
+    from fewstep_search.bank.build import assemble, solve_chunk
+
+    plan = BankPlan(shape=(8,), sigma_min=0.002, sigma_max=80.0, n_trajectories=9, grid_size=8, substeps=1)
+    parts = [solve_chunk(mixture8, plan, lo, hi) for lo, hi in ((4, 9), (0, 4))]
+    bank = assemble(plan, parts)
+    ref = build_bank(mixture8, shape=(8,), sigma_min=0.002, sigma_max=80.0, n_trajectories=9, grid_size=8,
+                     substeps=1, batch_size=9)
+    torch.testing.assert_close(bank.denoised, ref.denoised)
+    torch.testing.assert_close(bank.states, ref.states)
+    with pytest.raises(ValueError, match="gap or overlap at 0"):
+        assemble(plan, parts[:1])
