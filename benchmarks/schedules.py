@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from fewstep_search.optimize import search_in_process
 
 from fewstep_search.bank import build_bank
 from fewstep_search.models.loading import load_model
-from fewstep_search.optimize import search_in_process
 
 BUDGETS = (3, 4, 5, 6, 8, 10)
 TABLE_HEURISTICS = ("edm_rho7", "log_uniform", "vp_time_uniform")

@@ -61,7 +61,7 @@ def _plots(pairs: list[tuple[str, dict[str, Any], Path | None]], folder: Path, n
     plt.close(fig)
     written.append(folder / "test_error.png")
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(pairs)))
-    for i, (label, row, _) in enumerate(pairs):
+    for i, (_, row, _) in enumerate(pairs):
         ax.scatter(row["sigmas"], [i] * len(row["sigmas"]), s=18)
     ax.set_xscale("log")
     ax.set_yticks(range(len(pairs)), labels, fontsize=8)

@@ -34,7 +34,7 @@ from fewstep_search.phase1.engine import Executor, InProcessExecutor, TrialConte
 from fewstep_search.phase1.portfolio import trial_specs
 from fewstep_search.phase1.record import OptunaRecord, sqlite_url
 from fewstep_search.phase1.registry import OptimizerFactory
-from fewstep_search.phase1.trials import TrialRecord, errors_by_condition, score_schedule
+from fewstep_search.phase1.trials import FIRST_ORDER_SOLVERS, TrialRecord, errors_by_condition, score_schedule
 from fewstep_search.quality import sample_quality_of
 from fewstep_search.resolve import (
     cached_or_built_bank,
@@ -223,6 +223,17 @@ def _schedule_of(row: Mapping[str, Any]) -> Schedule:
     return Schedule(row["sigmas"], name=str(row.get("name", "schedule")))
 
 
+def _phase2_pick(phase1: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The schedule Phase-2 trains on: the winner, or the best first-order candidate (on select E) when the
+    winner uses another solver (Phase-2's loss follows the first-order step)."""
+    if phase1["best"]["solver"] in FIRST_ORDER_SOLVERS:
+        return phase1["best"]
+    first = [c for c in phase1["candidates"] if c["solver"] in FIRST_ORDER_SOLVERS]
+    if not first:
+        raise ValueError("Phase-2 needs a first-order (ddim) candidate; add ddim to search.solvers")
+    return min(first, key=lambda c: c["select_error"])
+
+
 def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None = None,
              options: LoopOptions | None = None) -> dict[str, Any]:
     """Run (or resume) the whole job; returns what it writes to results.json."""
@@ -273,7 +284,11 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
             p1 = run.phase1(r, student_bank or bank, current)
         metrics = rundir.finished_round(r)
         if metrics is None:
-            metrics = _phase2_round(run, r, bank, current, _schedule_of(p1["best"]), p1["best"])
+            pick = _phase2_pick(p1)
+            if pick is not p1["best"]:
+                run.note(f"round {r}: the search's winner uses {p1['best']['solver']}; Phase-2 trains on the best "
+                         f"first-order schedule ({pick['name']})")
+            metrics = _phase2_round(run, r, bank, current, _schedule_of(pick), pick)
         history.append(metrics)
         current = run.teacher_source.with_checkpoint(rundir.model_path(r))
         current_den = current.load(cache=False)

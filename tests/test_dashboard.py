@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fewstep_search.schedules import make_schedule
 from fewstep_search.phase1.record import OptunaRecord, sqlite_url
 from fewstep_search.phase1.trials import TrialRecord, TrialSpec
+from fewstep_search.schedules import make_schedule
 
 STARTUP_SECONDS = 60.0
 

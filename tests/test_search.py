@@ -270,7 +270,9 @@ def test_default_portfolio_covers_every_optimizer_family_cheap_trials_first() ->
     from fewstep_search.phase1.registry import OPTIMIZERS
 
     specs = trial_specs(SearchSpec())
-    assert {s.optimizer for s in specs} == set(OPTIMIZERS)
+    # AYS and LD3 cost minutes on a real model and b0_dp repeats `dp` on `b0`: they run in benchmarks/peers.py.
+    assert {s.optimizer for s in specs} == set(OPTIMIZERS) - {"ays", "ld3", "b0_dp"}
+    assert {s.solver for s in specs} == {"ddim", "dpmpp_2m", "ipndm"}
     assert len({s.key for s in specs}) == len(specs)
     costly = [s.is_costly for s in specs]
     assert costly == sorted(costly)  # every cheap trial before the first costly one

@@ -242,6 +242,14 @@ class EDMDenoiser(nn.Module):
         out = c_skip * xw + c_out * f.to(wide)
         return out.to(device=x.device, dtype=x.dtype)
 
+    def sample_data(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n training digits [n, 1, 8, 8] in [-1, 1], drawn with replacement (data-based objectives, e.g. AYS)."""
+        from fewstep_search.data import digits_split
+
+        train = digits_split().train_x
+        idx = torch.randint(0, train.shape[0], (n,), generator=generator, device="cpu")
+        return train[idx].to(torch.float64)
+
     def raw_loss(self, x0: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
         """EDM training loss per example, lambda(sigma)-weighted so every sigma contributes at unit scale.
 

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fewstep_search.phase1.optimizers import Adam, GridDP, ScheduleOptimizer
-from fewstep_search.phase1.parameterizations import PARAMETERIZATIONS, GridIndices, Parameterization, make_parameterization
+from fewstep_search.phase1.parameterizations import (
+    PARAMETERIZATIONS,
+    GridIndices,
+    Parameterization,
+    make_parameterization,
+)
 from fewstep_search.phase1.problem import Objective, Problem, get_objective
 from fewstep_search.schedules import Schedule
 

@@ -16,9 +16,10 @@ from fewstep_search.study.search import SearchSpec, TrialTemplate
 __all__ = ["trial_specs", "baseline_specs", "template_specs", "library_specs"]
 
 
-def baseline_specs(heuristics: Sequence[str]) -> list[TrialSpec]:
-    """The hand-made schedules as trials (optimizer "none"), scored like every other."""
-    return [TrialSpec(optimizer="none", objective="direct", parameterization="logits", start=h) for h in heuristics]
+def baseline_specs(heuristics: Sequence[str], solvers: Sequence[str] = ("ddim",)) -> list[TrialSpec]:
+    """The hand-made schedules as trials (optimizer "none"), with every solver, scored like every other."""
+    return [TrialSpec(optimizer="none", objective="direct", parameterization="logits", start=h, solver=s)
+            for s in solvers for h in heuristics]
 
 
 def template_specs(template: TrialTemplate) -> list[TrialSpec]:
@@ -41,7 +42,7 @@ def _ordered(specs: Sequence[TrialSpec]) -> list[TrialSpec]:
 def trial_specs(search: SearchSpec, *, budget: int | None = None,
                 extra_optimizers: Mapping[str, OptimizerFactory] | None = None) -> list[TrialSpec]:
     """Every trial of the study, validated (one-line ValueError naming the bad trial), cheap ones first."""
-    specs = baseline_specs(search.heuristics)
+    specs = baseline_specs(search.heuristics, search.solvers)
     for t in search.trials:
         specs.extend(template_specs(t))
     for s in specs:

@@ -28,8 +28,8 @@ from torch import Tensor
 from fewstep_search.bank import Bank
 from fewstep_search.denoiser import Denoiser
 from fewstep_search.objectives import BoundKind, bound, grid_cost_matrix, true_error
-from fewstep_search.schedules import Schedule
 from fewstep_search.phase1.parameterizations import Parameterization
+from fewstep_search.schedules import Schedule
 
 __all__ = ["Objective", "OBJECTIVES", "Problem", "StopTrial", "get_objective"]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fewstep_search.phase1.chains import DPThenAdam
 from fewstep_search.phase1.optimizers import LBFGSB, Adam, GridDP, Identity, ScheduleOptimizer, TrustConstr
+from fewstep_search.phase1.peers.wrappers import PEER_OPTIMIZERS
 from fewstep_search.phase1.samplers import CMAES, TPE
 
 __all__ = ["OPTIMIZERS", "OptimizerFactory", "make_optimizer"]
@@ -19,7 +20,8 @@ __all__ = ["OPTIMIZERS", "OptimizerFactory", "make_optimizer"]
 OptimizerFactory = Callable[..., ScheduleOptimizer]
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {
-    cls.name: cls for cls in (Identity, GridDP, Adam, LBFGSB, TrustConstr, TPE, CMAES, DPThenAdam)
+    **{cls.name: cls for cls in (Identity, GridDP, Adam, LBFGSB, TrustConstr, TPE, CMAES, DPThenAdam)},
+    **PEER_OPTIMIZERS,  # gits, dm_nonuniform, ays, ld3, b0_dp (docs/peers.md)
 }
 
 

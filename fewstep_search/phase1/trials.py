@@ -63,6 +63,9 @@ METRIC_KEYS = (
     "stopped_early",
 )
 
+ONE_SHOT_OPTIMIZERS = frozenset({"none", "gits", "dm_nonuniform", "b0_dp"})
+"""Optimizers that compute their schedule by their own means and score it once: cheap, run first, never stopped."""
+
 Progress = Callable[[int, dict[str, Any]], bool]
 """`progress(report_index, record_report) -> keep_going`: how a trial reports its best schedule so far."""
 
@@ -121,7 +124,7 @@ class TrialSpec:
     @property
     def is_costly(self) -> bool:
         """Trials that solve the ODE with the model per evaluation (the ones worth stopping early)."""
-        return self.objective == "direct" and not self.is_baseline
+        return self.objective == "direct" and self.optimizer not in ONE_SHOT_OPTIMIZERS
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,7 +161,8 @@ class TrialSpec:
         if self.start not in SCHEDULE_FAMILIES:
             raise ValueError(f"unknown start {self.start!r}; known: {', '.join(SCHEDULE_FAMILIES)}")
         if self.solver not in SOLVERS or self.solver == "reference":
-            raise ValueError(f"unknown solver {self.solver!r}; known: {', '.join(s for s in SOLVERS if s != 'reference')}")
+            known = ", ".join(s for s in SOLVERS if s != "reference")
+            raise ValueError(f"unknown solver {self.solver!r}; known: {known}")
         if objective.additive is not None and self.solver not in FIRST_ORDER_SOLVERS:
             raise ValueError(
                 f"trial {self.label}: the bound {self.objective!r} is defined for the first-order solver only; "

@@ -62,10 +62,13 @@ def _t(optimizer: str, objective: str, parameterization: str, starts: list[str],
 
 
 DEFAULT_PORTFOLIO: tuple[dict[str, Any], ...] = (
-    # Cheap first (milliseconds to seconds): the exact grid optima of both bounds, the bound off the grid.
+    # Cheap first (milliseconds to seconds): the exact grid optima of both bounds, the bound off the grid,
+    # and the cheap published peers (GITS's DP on the teacher grid, DM-NonUniform's model-free objective).
     _t("dp", "bw", "grid", ["edm"]),
     _t("dp", "b0", "grid", ["edm"]),
     _t("lbfgsb", "bw", "logits", ["edm"], maxiter=100),
+    _t("gits", "direct", "logits", ["edm"]),
+    _t("dm_nonuniform", "direct", "logits", ["edm"]),
     # DESIGN.md's recipe: B_w-DP, then Adam on the true error.
     _t("dp_adam", "direct", "logits", ["edm"], steps=150, lr=0.05),
     # Direct refinement from the heuristics with local methods: E has several local minima, and which one
@@ -73,6 +76,9 @@ DEFAULT_PORTFOLIO: tuple[dict[str, Any], ...] = (
     _t("adam", "direct", "logits", ["vp_time_quadratic"], steps=150, lr=0.05),
     _t("lbfgsb", "direct", "logits", ["log_uniform", "edm", "vp_time_quadratic"], maxiter=60),
     _t("trust_constr", "direct", "nodes", ["edm"], maxiter=60),
+    # The same local refinement for the multistep solvers: the search returns a (solver, schedule) pair.
+    {**_t("lbfgsb", "direct", "logits", ["vp_time_quadratic"], maxiter=60), "solver": "dpmpp_2m"},
+    {**_t("lbfgsb", "direct", "logits", ["vp_time_quadratic"], maxiter=60), "solver": "ipndm"},
     # Samplers on the low-dimensional families (global within the family, no gradients).
     _t("tpe", "direct", "edm_rho", ["edm"], n_trials=60),
     _t("tpe", "direct", "beta_warp", ["log_uniform"], n_trials=60),
@@ -108,6 +114,8 @@ class SearchSpec(Strict):
     tie_tolerance: float = Field(default=1e-3, ge=0, description="relative select E difference counted as a tie")
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     heuristics: list[str] = Field(default_factory=lambda: list(DEFAULT_HEURISTICS))
+    solvers: list[str] = Field(default_factory=lambda: ["ddim", "dpmpp_2m", "ipndm"], min_length=1,
+                               description="solvers every heuristic is scored with (the solver is searched too)")
     trials: list[TrialTemplate] = Field(default_factory=lambda: [TrialTemplate(**t) for t in DEFAULT_PORTFOLIO])
 
     @field_validator("heuristics")
