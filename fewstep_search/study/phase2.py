@@ -1,8 +1,14 @@
-"""The `[phase2]` table of a study file: how a round fine-tunes the model on the selected steps."""
+"""The `[phase2]` table of a study file: how a round fine-tunes the model on the selected steps.
+
+Plain data (no import from `fewstep_search.phase2`). What each setting does and what it costs is measured in
+docs/phase2.md; the defaults are the settings that did best there on the built-in digits model.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from fewstep_search.study._base import Strict
 
@@ -12,16 +18,40 @@ __all__ = ["Phase2Spec"]
 class Phase2Spec(Strict):
     """Phase-2 settings (fine-tuning on exactly the N selected sigmas; DESIGN.md section 1, Phase-2)."""
 
-    max_minutes: float = Field(default=4.0, gt=0, description="wall-time budget of one round's training")
+    max_minutes: float = Field(default=4.0, gt=0, description="wall-time budget of one round (training + evals)")
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps (overrides the time budget)")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="samples per optimizer step (split across workers)")
     lr: float = Field(default=1e-4, gt=0)
-    lr_final: float = Field(default=1e-5, gt=0)
+    lr_final: float = Field(default=1e-5, gt=0, description="the LR decays geometrically to this along the budget")
     warmup_steps: int = Field(default=10, ge=0)
-    ema_decay: float = Field(default=0.99, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay (0: stay near teacher)")
+    ema_decay: float = Field(default=0.99, ge=0, lt=1, description="EMA decay (ramped up over the first updates)")
     grad_clip: float = Field(default=1.0, gt=0)
     max_log_step: float = Field(default=0.25, gt=0, description="teacher RK4 sub-step bound in log sigma")
-    end_to_end_weight: float = Field(default=0.0, ge=0)
-    steps_per_epoch: int = Field(default=10, ge=1, description="a checkpoint is written after each epoch")
+    teacher_solver: Literal["rk4", "rk4_exp"] = Field(
+        default="rk4", description="rk4: RK4 in log sigma; rk4_exp: RK4 on the exponential-integrator form"
+    )
+    pool_size: int | None = Field(
+        default=1024, ge=1, description="fixed pool of starting noise (teacher work cached per sample); None: fresh"
+    )
+    cache_first_target: bool = Field(default=True, description="reuse the first interval's target per pool sample")
+    teacher_forced_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="share of the budget trained on the teacher's own trajectory first"
+    )
+    end_to_end_weight: float = Field(default=0.0, ge=0, description="weight of ||x0_hat - x0*||^2")
+    dropout: bool = Field(default=False, description="student in train mode (dropout on) while fine-tuning")
+    autocast: bool = Field(default=True, description="bfloat16 autocast for the student on CUDA (never on CPU)")
+    steps_per_epoch: int = Field(default=10, ge=1, description="a checkpoint and an evaluation after each epoch")
+    eval_batch_size: int | None = Field(default=None, ge=1, description="trajectories per batch when scoring E")
+    keep_checkpoints: int = Field(default=2, ge=1, description="epoch checkpoints kept in the round folder")
     workers: int = Field(default=1, ge=1, description="Ray Train workers (one GPU each on a GPU cluster)")
+    cpus_per_worker: int | None = Field(default=None, ge=1, description="torch threads per worker (None: share)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Phase2Spec:
+        if self.lr_final > self.lr:
+            raise ValueError(f"lr_final ({self.lr_final}) must not exceed lr ({self.lr})")
+        if self.pool_size is None and (self.teacher_forced_fraction > 0 or self.end_to_end_weight > 0):
+            raise ValueError("teacher_forced_fraction and end_to_end_weight need a noise pool (pool_size)")
+        return self

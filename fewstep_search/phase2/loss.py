@@ -1,0 +1,139 @@
+"""The Phase-2 objective: per-step distillation on the N selected sigmas, weighted by how errors propagate.
+
+DESIGN.md section 1 (Phase-2). For a fixed schedule `s = [sigma_N, ..., sigma_0]` and step i (from sigma_i down
+to sigma_{i-1}, `r = sigma_{i-1} / sigma_i`), the student's step error at sigma_{i-1} is `(1 - r)(D_theta - D_bar)`
+and reaches the output with the RMS gain `phi(sigma_{i-1})` of the flow, so
+
+    loss = mean_batch sum_i [phi(sigma_{i-1}) (1 - r)]^2 ||D_theta(x_i, sigma_i) - D_bar_i||^2
+
+is (to first order) the squared error the step adds to the sample, in the units of E^2. Two ways to pick x_i:
+
+* `student_state_loss`: x_i is the student's own state (its detached DDIM steps from x_N): the loss corrects the
+  drift the student itself produces; needs a teacher solve per step (the cost of Phase-2).
+* `teacher_forced_loss`: x_i is the teacher's trajectory state (precomputed): no teacher call per step, but it
+  never sees the student's drift (a warm start).
+
+Optional end-to-end term `||x0_hat - x0*||^2` (x0_hat from an undetached DDIM chain of the student, x0* from the
+teacher's trajectory). Arrays are indexed from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] ->
+sigmas[j + 1]. No Ray here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fewstep_search.bank import Bank
+from fewstep_search.phase2.targets import ideal_output
+
+__all__ = ["rms_gain", "step_weights", "LossParts", "student_state_loss", "teacher_forced_loss", "ddim_chain"]
+
+StudentFn = Callable[[Tensor, Tensor], Tensor]
+"""The student as called in training: `(x [B, *shape], sigma [B]) -> D [B, *shape]` (conditions bound)."""
+TargetFn = Callable[[Tensor, int], Tensor]
+"""The teacher's D_bar for interval j from a state x at sigmas[j]: `(x, j) -> D_bar` (no gradient)."""
+
+
+def rms_gain(bank: Bank, sigmas: Tensor) -> Tensor:
+    """phi at `sigmas` [Q]: the RMS over trajectories of the bank's gains, interpolated linearly in log sigma.
+
+    Interpolates the mean square `mean_k phi_k^2` (not phi itself) because the loss weight is phi^2: the mean of
+    squared gains is what a sum of squared propagated errors averages to. float64, clamped to the grid's range.
+    """
+    grid = bank.grid.double().cpu()
+    ms = bank.phi.double().cpu().square().mean(0)  # [M]
+    lg = torch.log(grid)  # descending
+    q = torch.log(sigmas.double().cpu()).clamp(float(lg[-1]), float(lg[0]))
+    # np.interp-style on an ascending axis: flip the descending grid
+    x_axis, y_axis = lg.flip(0), ms.flip(0)
+    idx = torch.searchsorted(x_axis, q).clamp(1, x_axis.numel() - 1)
+    x0, x1 = x_axis[idx - 1], x_axis[idx]
+    w = ((q - x0) / (x1 - x0)).clamp(0, 1)
+    return (y_axis[idx - 1] * (1 - w) + y_axis[idx] * w).sqrt()
+
+
+def step_weights(bank: Bank, sigmas: Tensor) -> Tensor:
+    """[N] loss weights `[phi(sigma_{i-1}) (1 - r_i)]^2`, ordered like the intervals (top first). float64."""
+    s = sigmas.double().cpu()
+    r = s[1:] / s[:-1]
+    phi = rms_gain(bank, s[1:])
+    return (phi * (1 - r)).square()
+
+
+@dataclass
+class LossParts:
+    """A training loss and what it is made of (per-step terms, detached, for the epoch log)."""
+
+    total: Tensor
+    per_step: Tensor
+    end_to_end: Tensor | None = None
+
+
+def _sigma_batch(x: Tensor, sigma: float) -> Tensor:
+    return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
+
+
+def _sq(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample squared norm ||a - b||^2 in float32 or wider (autocast may hand bf16 outputs)."""
+    diff = a.float() - b.float() if a.dtype in (torch.float16, torch.bfloat16) else a - b.to(a.dtype)
+    return diff.square().flatten(1).sum(1)
+
+
+def student_state_loss(
+    student: StudentFn,
+    target: TargetFn,
+    x_start: Tensor,
+    sigmas: tuple[float, ...],
+    weights: Tensor,
+    *,
+    first_target: Tensor | None = None,
+) -> LossParts:
+    """The loss along the student's own DDIM states from `x_start` (each step's state detached).
+
+    `first_target` is D_bar of the first interval when already known (it depends only on x_start, so it can be
+    computed once per noise sample and reused across epochs).
+    """
+    x = x_start
+    terms = []
+    w = weights.to(device=x.device, dtype=torch.float32)
+    for j in range(len(sigmas) - 1):
+        d = student(x, _sigma_batch(x, sigmas[j]))
+        dbar = first_target if (j == 0 and first_target is not None) else target(x, j)
+        terms.append(w[j] * _sq(d, dbar))
+        r = sigmas[j + 1] / sigmas[j]
+        x = (r * x + (1 - r) * d.detach().to(x.dtype)).detach()
+    per = torch.stack(terms)  # [N, B]
+    return LossParts(total=per.sum(0).mean(), per_step=per.detach().mean(1))
+
+
+def teacher_forced_loss(student: StudentFn, states: Tensor, sigmas: tuple[float, ...], weights: Tensor) -> LossParts:
+    """The loss on the teacher's own trajectory `states` [N + 1, B, *shape] (one batched student call).
+
+    D_bar of interval j is `(states[j + 1] - r states[j]) / (1 - r)`: the teacher trajectory is the exact solve.
+    """
+    n, b = len(sigmas) - 1, states.shape[1]
+    x = states[:-1].reshape(n * b, *states.shape[2:])
+    sig = torch.tensor(sigmas[:-1], dtype=x.dtype, device=x.device).repeat_interleave(b)
+    d = student(x, sig).reshape(n, b, *states.shape[2:])
+    dbar = torch.stack([ideal_output(states[j + 1], states[j], sigmas[j], sigmas[j + 1]) for j in range(n)])
+    w = weights.to(device=x.device, dtype=torch.float32)
+    per = w[:, None] * _sq(d.flatten(0, 1), dbar.flatten(0, 1)).reshape(n, b)
+    return LossParts(total=per.sum(0).mean(), per_step=per.detach().mean(1))
+
+
+def ddim_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...]) -> Tensor:
+    """x0_hat of the student's DDIM solve, differentiable through every step (for the end-to-end term)."""
+    x = x_start
+    for j in range(len(sigmas) - 1):
+        d = student(x, _sigma_batch(x, sigmas[j]))
+        r = sigmas[j + 1] / sigmas[j]
+        x = r * x + (1 - r) * d.to(x.dtype)
+    return x
+
+
+def end_to_end(student: StudentFn, x_start: Tensor, x_end: Tensor, sigmas: tuple[float, ...]) -> Tensor:
+    """mean_batch ||x0_hat - x0*||^2, x0* the teacher's accurate end point from the same x_start."""
+    return _sq(ddim_chain(student, x_start, sigmas), x_end).mean()

@@ -1,0 +1,94 @@
+"""Torch's own training pieces for Phase-2: AdamW, a warm-up-then-decay LambdaLR, an EMA AveragedModel, a clock.
+
+Why a progress-driven learning rate: a round is usually bounded by wall time (`max_minutes`), so the number of
+optimizer steps is not known in advance; the decay from `lr` to `lr_final` follows the round's progress (the
+fraction of its time or step budget used), which is the same function of time whatever the machine's speed.
+Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+__all__ = ["Clock", "lr_factor", "make_optimizer", "make_scheduler", "make_ema"]
+
+
+class Clock:
+    """Training progress in [0, 1]: steps over `max_steps` when given, else seconds over the time budget.
+
+    `seconds` includes what earlier (resumed-from) sessions of the same round spent, so a resumed round trains
+    only for what is left of its budget.
+    """
+
+    def __init__(self, *, budget_seconds: float, max_steps: int | None, seconds_before: float = 0.0) -> None:
+        self.budget, self.max_steps = budget_seconds, max_steps
+        self.before = seconds_before
+        self.start = time.monotonic()
+        self.step = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.before + (time.monotonic() - self.start)
+
+    @property
+    def progress(self) -> float:
+        if self.max_steps is not None:
+            return min(1.0, self.step / self.max_steps)
+        return min(1.0, self.seconds / self.budget)
+
+    @property
+    def done(self) -> bool:
+        return self.progress >= 1.0
+
+
+def lr_factor(step: int, progress: float, *, warmup_steps: int, lr: float, lr_final: float) -> float:
+    """Linear warm-up over `warmup_steps`, then a geometric decay from lr to lr_final along `progress`."""
+    warm = min(1.0, (step + 1) / (warmup_steps + 1)) if warmup_steps > 0 else 1.0
+    return warm * (lr_final / lr) ** min(1.0, max(0.0, progress))
+
+
+def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the student has no trainable parameters")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, clock: Clock, *, warmup_steps: int, lr: float, lr_final: float
+) -> LambdaLR:
+    """LambdaLR whose factor reads the clock's progress (see the module docstring)."""
+
+    def factor(step: int) -> float:
+        return lr_factor(step, clock.progress, warmup_steps=warmup_steps, lr=lr, lr_final=lr_final)
+
+    return LambdaLR(optimizer, factor)
+
+
+def _ema_with_warmup(decay: float) -> Callable[..., None]:
+    """torch's EMA update with the decay ramped up as min(decay, (1 + n) / (10 + n)) over the first updates.
+
+    Why: a round may run only ~100 optimizer steps; a fixed 0.99 would leave the average dominated by the
+    untouched starting weights for most of it.
+    """
+
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = float(n_averaged)
+        get_ema_multi_avg_fn(min(decay, (1.0 + n) / (10.0 + n)))(ema_params, params, n_averaged)
+
+    return update
+
+
+def make_ema(module: nn.Module, *, decay: float) -> AveragedModel:
+    """An EMA of the student (`AveragedModel`, buffers averaged too, so its module's state dict is complete)."""
+    ema = AveragedModel(module, multi_avg_fn=_ema_with_warmup(decay), use_buffers=True)
+    ema.eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema

@@ -1,0 +1,112 @@
+"""A fixed pool of starting noise, with the teacher's work on it cached across epochs.
+
+Why a fixed pool rather than fresh noise every step: what the teacher computes from x_N alone does not depend on
+the student, so it can be computed once per pool sample and reused every time the sample is drawn again:
+
+* the first interval's target (the teacher's solve sigma_N -> sigma_{N-1} from x_N): the plain student-state
+  loss then pays the teacher only for intervals 2..N;
+* the teacher's whole trajectory at the schedule nodes (one accurate solve per sample), which the teacher-forced
+  warm start and the end-to-end term need, and which also gives the first target.
+
+Batches are a deterministic function of the step number (the k-th pass over the pool is the k-th seeded
+permutation), so a resumed run draws the same batches as an uninterrupted one. Caches live in memory and are
+refilled on demand after a resume (they are cheap relative to a round). Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fewstep_search.denoiser import bind_condition
+from fewstep_search.phase2.targets import IntervalTeacher, ideal_output
+
+__all__ = ["NoisePool"]
+
+
+class NoisePool:
+    """`size` starting states `sigma_max * eps` (one worker's share), their conditions, and cached teacher work."""
+
+    def __init__(
+        self,
+        size: int,
+        shape: tuple[int, ...],
+        sigma_max: float,
+        *,
+        seed: int,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        n_conditions: int = 0,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"the noise pool needs at least one sample, got {size}")
+        g = torch.Generator().manual_seed(seed)
+        self.size, self.seed = size, seed
+        self.x = (sigma_max * torch.randn(size, *shape, generator=g, dtype=torch.float64)).to(device, dtype)
+        self.cond = (
+            torch.randint(0, n_conditions, (size,), generator=g).to(device) if n_conditions > 0 else None
+        )
+        self._first: Tensor | None = None
+        self._has_first = torch.zeros(size, dtype=torch.bool)
+        self._traj: Tensor | None = None
+        self._has_traj = torch.zeros(size, dtype=torch.bool)
+        self._perms: dict[int, Tensor] = {}
+
+    def indices(self, step: int, batch: int) -> Tensor:
+        """The pool indices of optimizer step `step` (a deterministic function of step and batch size)."""
+        pos = torch.arange(step * batch, (step + 1) * batch)
+        passes, within = pos // self.size, pos % self.size
+        out = torch.empty(batch, dtype=torch.long)
+        for k in passes.unique().tolist():
+            if k not in self._perms:
+                self._perms = {k: torch.randperm(self.size, generator=torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + k + 1))}
+            sel = passes == k
+            out[sel] = self._perms[k][within[sel]]
+        return out
+
+    def teacher_for(self, teacher: IntervalTeacher, idx: Tensor) -> IntervalTeacher:
+        """The teacher with the conditions of pool samples `idx` bound (itself for unconditional models)."""
+        if self.cond is None:
+            return teacher
+        from dataclasses import replace
+
+        return replace(teacher, teacher=bind_condition(teacher.teacher, self.cond[idx.to(self.cond.device)]))
+
+    def first_targets(self, teacher: IntervalTeacher, idx: Tensor) -> Tensor:
+        """D_bar of the first interval for pool samples `idx`, computing only the ones not cached yet."""
+        if self._first is None:
+            self._first = torch.empty_like(self.x)
+        missing = idx[~self._has_first[idx]].unique()
+        if missing.numel():
+            dev = self.x.device
+            x = self.x[missing.to(dev)]
+            self._first[missing.to(dev)] = self.teacher_for(teacher, missing).target(x, 0)
+            self._has_first[missing] = True
+        return self._first[idx.to(self.x.device)]
+
+    def trajectories(self, teacher: IntervalTeacher, idx: Tensor) -> Tensor:
+        """The teacher's states [N + 1, B, *shape] at the schedule nodes for pool samples `idx` (cached)."""
+        n_nodes = len(teacher.sigmas)
+        if self._traj is None:
+            self._traj = torch.empty(self.size, n_nodes, *self.x.shape[1:], dtype=self.x.dtype, device=self.x.device)
+        missing = idx[~self._has_traj[idx]].unique()
+        if missing.numel():
+            dev = self.x.device
+            states = self.teacher_for(teacher, missing).trajectory(self.x[missing.to(dev)])  # [N + 1, b, ...]
+            self._traj[missing.to(dev)] = states.transpose(0, 1)
+            self._has_traj[missing] = True
+            if self._first is None:
+                self._first = torch.empty_like(self.x)
+            s0, s1 = teacher.sigmas[0], teacher.sigmas[1]
+            self._first[missing.to(dev)] = ideal_output(states[1], states[0], s0, s1)
+            self._has_first[missing] = True
+        return self._traj[idx.to(self.x.device)].transpose(0, 1)
+
+    def conditions(self, idx: Tensor) -> Tensor | None:
+        return None if self.cond is None else self.cond[idx.to(self.cond.device)]
+
+    @property
+    def cached(self) -> dict[str, int]:
+        """How many pool samples have a cached first target / trajectory (for the epoch log)."""
+        return {"first": int(self._has_first.sum()), "trajectory": int(self._has_traj.sum())}

@@ -1,0 +1,144 @@
+"""The teacher's side of Phase-2: accurate solves over one schedule interval and the ideal outputs they imply.
+
+For the interval `[sigma_i -> sigma_{i-1}]` (written s0 -> s1 here, s0 > s1 > 0) and a state x at s0, the frozen
+teacher's accurate solve gives `y = x*(s1)`; the student's DDIM step `r x + (1 - r) D` lands exactly on y when
+`D = D_bar = (y - r x) / (1 - r)`, `r = s1 / s0` (DESIGN.md section 1, Phase-2). So D_bar is the regression
+target, and its accuracy bounds what the student can learn: an error delta in y is an error delta / (1 - r) in
+D_bar, i.e. the same delta on the student's step.
+
+Two teacher solvers, both classical RK4 with sub-steps bounded in log sigma (`substeps_for`):
+
+* ``"rk4"``: `fewstep_search.solvers.rk4_interval`, RK4 on `dx/dt = x - D(x, e^t)`, t = log sigma.
+* ``"rk4_exp"``: RK4 on the exponential-integrator form of the same ODE (Lawson / integrating factor):
+  `z = x / sigma`, `lam = -log sigma`, `dz/dlam = D(sigma z, sigma) / sigma`. The linear part `x` of the ODE is
+  integrated exactly, so the error scales with how much D varies, not with the size of x. Why it exists: at
+  high noise `|x| ~ sigma sqrt(d)` dwarfs the student's residual, and plain RK4 with sub-steps of 0.25 in log
+  sigma was measured to give targets whose error is ~20% of the residual on 80 -> 18 (digits, N = 10), where
+  this form is well under 1% at half the calls (docs/phase2.md has the table).
+
+Both are checked by step halving in tests/test_phase2_targets.py. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fewstep_search.denoiser import Denoiser
+from fewstep_search.solvers import rk4_interval, substeps_for
+
+__all__ = ["TeacherSolver", "TEACHER_SOLVERS", "CountingDenoiser", "solve_interval", "ideal_output", "calls_for"]
+
+TeacherSolver = Literal["rk4", "rk4_exp"]
+TEACHER_SOLVERS: tuple[str, ...] = ("rk4", "rk4_exp")
+
+
+class CountingDenoiser:
+    """A denoiser that counts its calls (in samples: batch size per call), so the cost is measured, not guessed."""
+
+    def __init__(self, inner: Callable[..., Tensor]) -> None:
+        self.inner = inner
+        self.sample_calls = 0
+
+    def __call__(self, x: Tensor, sigma: Tensor, *cond: Tensor) -> Tensor:
+        self.sample_calls += int(x.shape[0])
+        return self.inner(x, sigma, *cond)
+
+
+def _sigma_batch(x: Tensor, sigma: float) -> Tensor:
+    return torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+
+
+def _rk4_exp(den: Denoiser, x: Tensor, s0: float, s1: float, substeps: int, d0: Tensor | None) -> Tensor:
+    """RK4 in lam = -log sigma on z = x / sigma: `dz/dlam = D(sigma z, sigma) / sigma` (exact linear part)."""
+    l0, l1 = -math.log(s0), -math.log(s1)
+    h = (l1 - l0) / substeps
+
+    def f(z: Tensor, lam: float) -> Tensor:
+        sig = math.exp(-lam)
+        return den(z * sig, _sigma_batch(z, sig)) / sig
+
+    z = x / s0
+    for j in range(substeps):
+        lam = l0 + j * h
+        k1 = d0 / s0 if (j == 0 and d0 is not None) else f(z, lam)
+        k2 = f(z + 0.5 * h * k1, lam + 0.5 * h)
+        k3 = f(z + 0.5 * h * k2, lam + 0.5 * h)
+        k4 = f(z + h * k3, lam + h)
+        z = z + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+    return z * s1
+
+
+def calls_for(s0: float, s1: float, *, max_log_step: float, d0_given: bool = False) -> int:
+    """Teacher evaluations per sample for one interval (4 per RK4 sub-step, one fewer when D(x, s0) is given)."""
+    return 4 * substeps_for(s0, s1, max_log_step) - int(d0_given)
+
+
+@torch.no_grad()
+def solve_interval(
+    teacher: Denoiser,
+    x: Tensor,
+    s0: float,
+    s1: float,
+    *,
+    max_log_step: float = 0.25,
+    solver: TeacherSolver = "rk4",
+    d0: Tensor | None = None,
+) -> Tensor:
+    """The teacher's accurate state at `s1` from `x` at `s0` (no gradient; x's dtype and device).
+
+    `d0` is the teacher's own `D(x, s0)` when already known (never the student's output).
+    """
+    s0, s1 = float(s0), float(s1)
+    if not s0 > s1 > 0:
+        raise ValueError(f"an interval needs s0 > s1 > 0, got {s0} -> {s1}")
+    k = substeps_for(s0, s1, max_log_step)
+    if solver == "rk4":
+        t0 = torch.tensor(s0, dtype=torch.float64)
+        t1 = torch.tensor(s1, dtype=torch.float64)
+        return rk4_interval(teacher, x, t0, t1, substeps=k, d0=d0)
+    if solver == "rk4_exp":
+        return _rk4_exp(teacher, x, s0, s1, k, d0)
+    raise ValueError(f"unknown teacher solver {solver!r}; known: {', '.join(TEACHER_SOLVERS)}")
+
+
+def ideal_output(y: Tensor, x: Tensor, s0: float, s1: float) -> Tensor:
+    """D_bar = (y - r x) / (1 - r), r = s1 / s0: the output whose DDIM step from x at s0 lands on y at s1."""
+    r = float(s1) / float(s0)
+    return (y - r * x) / (1.0 - r)
+
+
+@dataclass(frozen=True)
+class IntervalTeacher:
+    """The teacher bound to its solver settings: `target(x, i)` is D_bar for interval i of `sigmas`."""
+
+    teacher: Denoiser
+    sigmas: tuple[float, ...]
+    max_log_step: float = 0.25
+    solver: TeacherSolver = "rk4"
+
+    def state(self, x: Tensor, i: int) -> Tensor:
+        """x*(sigmas[i + 1]) from x at sigmas[i]."""
+        return solve_interval(
+            self.teacher, x, self.sigmas[i], self.sigmas[i + 1], max_log_step=self.max_log_step, solver=self.solver
+        )
+
+    def target(self, x: Tensor, i: int) -> Tensor:
+        return ideal_output(self.state(x, i), x, self.sigmas[i], self.sigmas[i + 1])
+
+    def trajectory(self, x_start: Tensor) -> Tensor:
+        """[N + 1, B, *shape]: the teacher's states at every node of the schedule, from x_start at sigmas[0]."""
+        states = [x_start]
+        for i in range(len(self.sigmas) - 1):
+            states.append(self.state(states[-1], i))
+        return torch.stack(states)
+
+    def calls_per_sample(self, intervals: range | None = None) -> int:
+        """Teacher evaluations per sample for the given intervals (all by default)."""
+        idx = intervals if intervals is not None else range(len(self.sigmas) - 1)
+        return sum(calls_for(self.sigmas[i], self.sigmas[i + 1], max_log_step=self.max_log_step) for i in idx)

@@ -1,0 +1,351 @@
+"""`fine_tune`: one Phase-2 round, on Ray Train (`engine="ray"`) or in process (`engine="local"`).
+
+The driver's side: validate (a model without trainable weights is refused with one line), compute the per-step
+loss weights from the bank's gains, ship the worker config, resume from the round folder, show progress, and
+collect the result. The per-worker loop is `fewstep_search.phase2.worker.run_worker`, the same function for both
+engines. Ray is imported lazily and only here.
+
+Ray Train specifics: `TorchTrainer` with `ScalingConfig(num_workers=W, use_gpu=device is CUDA)` (gloo on CPU,
+NCCL on GPUs, `prepare_model` wraps DDP where W > 1); each epoch's checkpoint folder is written by rank 0 inside
+Ray's run folder (`out_dir/checkpoints`) and reported as a `ray.train.Checkpoint` without a copy; a restart
+resumes from the newest complete one. If Ray is not running, a local one is started and stopped after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from fewstep_search.atomic import atomic_write_json
+from fewstep_search.bank import Bank
+from fewstep_search.denoiser import is_conditional
+from fewstep_search.models.source import ModelSource, trainable_module
+from fewstep_search.objectives import check_endpoints
+from fewstep_search.phase2 import checkpoints as ck
+from fewstep_search.phase2.loss import step_weights
+from fewstep_search.phase2.worker import LocalContext, WorkerConfig, run_worker
+from fewstep_search.schedules import Schedule
+from fewstep_search.study.phase2 import Phase2Spec
+
+__all__ = ["FineTuneResult", "fine_tune", "eval_bank", "scaling_kwargs"]
+
+Engine = Literal["ray", "local"]
+
+
+@dataclass(frozen=True)
+class FineTuneResult:
+    """A finished (or stopped) round: the EMA weights' file, the per-epoch history, why it stopped early."""
+
+    checkpoint: Path
+    history: list[dict[str, Any]]
+    stopped_reason: str | None
+    seconds: float
+    initial: dict[str, float] | None = None
+    teacher_calls: int = 0
+    steps: int = 0
+    out_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The last epoch's metrics (select_error, test_error, ...), or None if no epoch finished."""
+        return self.history[-1] if self.history else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint), "history": self.history, "stopped_reason": self.stopped_reason,
+            "seconds": self.seconds, "initial": self.initial, "teacher_calls": self.teacher_calls,
+            "steps": self.steps,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], out_dir: Path) -> FineTuneResult:
+        return cls(
+            checkpoint=out_dir / ck.MODEL_FILE, history=list(d["history"]), stopped_reason=d.get("stopped_reason"),
+            seconds=float(d["seconds"]), initial=d.get("initial"), teacher_calls=int(d.get("teacher_calls", 0)),
+            steps=int(d.get("steps", 0)), out_dir=out_dir,
+        )
+
+
+def eval_bank(part: Bank) -> Bank:
+    """A trajectory set reduced to what the true error needs (x_start, x_end, cond, grid): small to ship."""
+    slim = part.lean()
+    return dataclasses.replace(slim, denoised=slim.denoised[:, :0], phi=slim.phi[:, :0])
+
+
+def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float, ...], spec: Phase2Spec) -> str:
+    """What makes two calls the same round: models, schedule and the settings that change the weights."""
+    budget_free = spec.model_dump(exclude={"max_minutes", "max_steps", "keep_checkpoints", "eval_batch_size"})
+    blob = json.dumps([teacher.model_id, student.model_id, list(sigmas), budget_free], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _check_trainable(student: ModelSource) -> Any:
+    den = student.load()
+    if trainable_module(den) is None:
+        raise ValueError(
+            f"model {student.model_id} has no trainable weights (not a torch.nn.Module): Phase-2 cannot fine-tune it"
+        )
+    return den
+
+
+def fine_tune(
+    *,
+    teacher: ModelSource,
+    student: ModelSource,
+    schedule: Schedule,
+    bank: Bank,
+    spec: Phase2Spec,
+    out_dir: str | Path,
+    device: str = "cpu",
+    engine: Engine = "ray",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+) -> FineTuneResult:
+    """Fine-tune `student` on the N sigmas of `schedule` against the frozen `teacher` (one Phase-2 round).
+
+    Writes checkpoints under `out_dir` and the result `out_dir/model.safetensors` (the EMA weights of exactly the
+    module `trainable_module` returns); calling it again with the same `out_dir` resumes an interrupted round or
+    returns a finished one. Raises ValueError (one line) for a model without trainable weights, a schedule that
+    does not match the bank, or an `out_dir` that holds another round.
+    """
+    if engine not in ("ray", "local"):
+        raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+    den = _check_trainable(student)
+    sig = schedule.tensor()
+    check_endpoints(bank, sig)
+    root = Path(out_dir)
+    sigmas = tuple(float(s) for s in schedule.sigmas)
+    key = _config_key(teacher, student, sigmas, spec)
+    done = root / ck.RESULT_FILE
+    if done.is_file():
+        data = json.loads(done.read_text())
+        if data.get("config_key") != key:
+            raise ValueError(f"{root} holds a Phase-2 round of another model, schedule or settings; use a new out_dir")
+        return FineTuneResult.from_dict(data, root)
+    latest = ck.latest_checkpoint(root)
+    cfg = WorkerConfig(
+        teacher=teacher, student=student, sigmas=sigmas, weights=tuple(step_weights(bank, sig).tolist()),
+        select=eval_bank(bank.select()), test=eval_bank(bank.test()), shape=bank.shape, spec=spec,
+        out_dir=str(root), device=device, resume_from=None if latest is None else str(latest), config_key=key,
+        n_conditions=len(den.conditions) if is_conditional(den) else 0,
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with _Progress(root, spec, on_epoch, enabled=progress, watch_files=engine == "ray") as watch:
+        if engine == "local":
+            summary = run_worker(cfg, LocalContext(device, on_report=watch.local_report))
+        else:
+            summary = _run_ray(cfg, spec, device)
+    return _finish(root, summary, key, time.monotonic() - started)
+
+
+def _finish(root: Path, summary: dict[str, Any], key: str, seconds: float) -> FineTuneResult:
+    """Publish the last good EMA weights as `model.safetensors` and record the round in `result.json`."""
+    state: ck.TrainState = summary["state"]
+    if summary["checkpoint"] is not None:
+        weights = ck.load_state_dict_file(Path(summary["checkpoint"]) / ck.MODEL_FILE)
+    else:
+        weights = summary["start_weights"]
+    path = ck.publish_model(root, weights)
+    result = FineTuneResult(
+        checkpoint=path, history=list(state.history or []), stopped_reason=summary["stopped_reason"],
+        seconds=state.seconds if state.history else seconds, initial=summary.get("initial") or state.initial,
+        teacher_calls=state.teacher_calls, steps=state.step, out_dir=root,
+    )
+    atomic_write_json(root / ck.RESULT_FILE, {**result.to_dict(), "config_key": key})
+    return result
+
+
+# ------------------------------------------------------------------ Ray Train
+
+
+def _ray_loop(config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`: `run_worker` with a Ray context; rank 0 leaves its summary on disk."""
+    cfg: WorkerConfig = config["cfg"]
+    threads = config.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    ctx = _RayContext(cfg.device)
+    summary = run_worker(cfg, ctx)
+    if ctx.rank == 0:
+        _save_summary(Path(cfg.out_dir), summary)
+
+
+class _RayContext:
+    """The Ray Train side of `WorkerContext`: rank and device from Ray, DDP via `prepare_model`, reports."""
+
+    def __init__(self, device: str) -> None:
+        import ray.train
+
+        tc = ray.train.get_context()
+        self.rank, self.world_size = tc.get_world_rank(), tc.get_world_size()
+        self._cuda = torch.device(device).type == "cuda"
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device() if self._cuda else torch.device("cpu")
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return module
+        return ray.train.torch.prepare_model(module, move_to_device=False)
+
+    def restored(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return None if ckpt is None else Path(ckpt.path)
+
+    def any_flag(self, flags: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return flags
+        import torch.distributed as dist
+
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.train
+
+        ckpt = None if checkpoint is None else ray.train.Checkpoint.from_directory(str(checkpoint))
+        ray.train.report(
+            {k: v for k, v in metrics.items() if not isinstance(v, list)}, checkpoint=ckpt,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
+
+
+_SUMMARY = "summary.pt"
+
+
+def _save_summary(root: Path, summary: dict[str, Any]) -> None:
+    from fewstep_search.atomic import atomic_path
+
+    data = {**summary, "state": summary["state"].to_dict()}
+    with atomic_path(root / _SUMMARY) as tmp:
+        torch.save(data, tmp)
+
+
+def _load_summary(root: Path) -> dict[str, Any]:
+    data = torch.load(root / _SUMMARY, map_location="cpu", weights_only=True)
+    (root / _SUMMARY).unlink()
+    return {**data, "state": ck.TrainState.from_dict(data["state"])}
+
+
+def scaling_kwargs(device: str, *, workers: int, cpus: int) -> dict[str, Any]:
+    """`ScalingConfig` arguments: whole GPUs per worker on CUDA, else `cpus` CPUs (torch threads) per worker."""
+    if torch.device(device).type == "cuda":
+        return {"num_workers": workers, "use_gpu": True}
+    return {"num_workers": workers, "use_gpu": False, "resources_per_worker": {"CPU": cpus}}
+
+
+def _run_ray(cfg: WorkerConfig, spec: Phase2Spec, device: str) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = torch.device(device).type == "cuda"
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(spec.workers, os.cpu_count() or 1), include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False)
+        started = True
+    try:
+        cpus = spec.cpus_per_worker or max(1, int(ray.available_resources().get("CPU", 1)) // spec.workers)
+        trainer = TorchTrainer(
+            _ray_loop,
+            train_loop_config={"cfg": cfg, "threads": None if use_gpu else cpus},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(**scaling_kwargs(device, workers=spec.workers, cpus=cpus)),
+            run_config=RunConfig(
+                name=ck.CHECKPOINTS, storage_path=str(Path(cfg.out_dir).resolve()),
+                checkpoint_config=CheckpointConfig(num_to_keep=None), failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        trainer.fit()
+        return _load_summary(Path(cfg.out_dir))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------ progress
+
+
+class _Progress:
+    """Calls `on_epoch` once per finished epoch and keeps a rich progress line (loss, E) when enabled.
+
+    Local engine: the worker reports in process. Ray engine: the workers run elsewhere, so a thread watches the
+    round folder's `epochs.jsonl` (one line per epoch, written by rank 0).
+    """
+
+    def __init__(self, root: Path, spec: Phase2Spec, on_epoch: Callable[[dict[str, Any]], None] | None,
+                 *, enabled: bool, watch_files: bool) -> None:
+        self.root, self.spec, self.on_epoch, self.enabled = root, spec, on_epoch, enabled
+        self.watch_files = watch_files
+        self.seen = {int(r["epoch"]) for r in ck.read_epochs(root)}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bar: Any = None
+        self._task: Any = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True)
+            self._bar.start()
+            total = self.spec.max_steps or 60.0 * self.spec.max_minutes
+            self._task = self._bar.add_task("phase-2: starting", total=total)
+        if self.watch_files:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._poll()
+        if self._bar is not None:
+            self._bar.stop()
+
+    def local_report(self, metrics: dict[str, Any]) -> None:
+        self._deliver(metrics)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def _poll(self) -> None:
+        for row in ck.read_epochs(self.root):
+            self._deliver(row)
+
+    def _deliver(self, metrics: dict[str, Any]) -> None:
+        with self._lock:
+            epoch = int(metrics["epoch"])
+            if epoch in self.seen:
+                return
+            self.seen.add(epoch)
+            if self._bar is not None:
+                done = metrics["step"] if self.spec.max_steps else metrics.get("seconds", 0.0)
+                desc = (f"phase-2 epoch {epoch}: loss {metrics['loss']:.4g}, "
+                        f"test E {metrics.get('test_error', float('nan')):.4f}")
+                self._bar.update(self._task, completed=done, description=desc)
+            if self.on_epoch is not None:
+                self.on_epoch(dict(metrics))

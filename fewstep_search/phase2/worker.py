@@ -1,0 +1,330 @@
+"""The per-worker Phase-2 training loop: the same function under Ray Train and in process (`engine="local"`).
+
+What one worker does (DESIGN.md section 1, Phase-2; docs/phase2.md):
+1. obtain the frozen teacher and a private, trainable copy of the student from their `ModelSource`s;
+2. resume from the newest checkpoint of the round (Ray's restored one or the round folder's), if any;
+3. train: draw a batch of starting noise from the worker's fixed pool, build the per-step distillation loss
+   (teacher-forced during the warm start, then along the student's own states), AdamW step with gradient
+   clipping, LR schedule, EMA update;
+4. after each epoch: the EMA student's true error E on the bank's select and test trajectories, a checkpoint
+   (rank 0), a report; stop at the budget or at the first non-finite loss (keeping the last good checkpoint).
+
+Engine specifics (rank, device, DDP wrapping, reporting) come through a small `WorkerContext`, so this module
+never imports Ray. Writing the round's result (`model.safetensors`, `result.json`) is `finish_round`'s job.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fewstep_search.bank import Bank
+from fewstep_search.denoiser import ModelOutputError, bind_condition, is_conditional
+from fewstep_search.models.source import ModelSource, trainable_module
+from fewstep_search.objectives import true_error
+from fewstep_search.phase2 import checkpoints as ck
+from fewstep_search.phase2.loss import LossParts, end_to_end, student_state_loss, teacher_forced_loss
+from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
+from fewstep_search.phase2.pool import NoisePool
+from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
+from fewstep_search.study.phase2 import Phase2Spec
+
+__all__ = ["WorkerConfig", "WorkerContext", "LocalContext", "run_worker", "load_teacher", "load_student"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs (picklable: it travels as Ray Train's `train_loop_config`)."""
+
+    teacher: ModelSource
+    student: ModelSource
+    sigmas: tuple[float, ...]
+    weights: tuple[float, ...]
+    select: Bank
+    test: Bank
+    shape: tuple[int, ...]
+    spec: Phase2Spec
+    out_dir: str
+    device: str = "cpu"
+    resume_from: str | None = None
+    config_key: str = ""
+    n_conditions: int = 0
+
+
+class WorkerContext(Protocol):
+    """What differs between engines: who this worker is, where it runs, how it wraps and reports."""
+
+    rank: int
+    world_size: int
+
+    def device(self) -> torch.device: ...
+
+    def prepare(self, module: nn.Module) -> nn.Module: ...
+
+    def restored(self) -> Path | None: ...
+
+    def any_flag(self, flags: Tensor) -> Tensor: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
+
+
+class LocalContext:
+    """The in-process engine: one worker, no wrapping; reports go to a callback."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, device: str, on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self._device = torch.device(device)
+        self._on_report = on_report
+
+    def device(self) -> torch.device:
+        return self._device
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def restored(self) -> Path | None:
+        return None
+
+    def any_flag(self, flags: Tensor) -> Tensor:
+        return flags
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        if self._on_report is not None:
+            self._on_report(metrics)
+
+
+def _move(den: Any, device: torch.device) -> Any:
+    """`den` with its module on `device` (a private copy if it had to move: never mutate a caller's model)."""
+    module = trainable_module(den)
+    if module is None:
+        return den
+    p = next(module.parameters())
+    if p.device != device:
+        den = copy.deepcopy(den)
+        trainable_module(den).to(device)  # type: ignore[union-attr]
+    return den
+
+
+def load_teacher(source: ModelSource, device: torch.device) -> Any:
+    """The frozen teacher: eval mode, called only under no_grad (its flags are left as loaded: it may be shared)."""
+    den = _move(source.on(str(device)).load(), device)
+    module = trainable_module(den)
+    if module is not None:
+        module.eval()
+    return den
+
+
+def load_student(source: ModelSource, device: torch.device, *, dropout: bool) -> tuple[Any, nn.Module]:
+    """A private trainable copy of the student: (denoiser, the module whose state dict is the result)."""
+    den = copy.deepcopy(source.on(str(device)).load())
+    module = trainable_module(den)
+    if module is None:
+        raise ValueError(f"model {source.model_id} has no trainable torch.nn.Module: Phase-2 cannot fine-tune it")
+    module.to(device)
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)  # a loaded model may arrive frozen (inference-only weights)
+    module.train(dropout)
+    return den, module
+
+
+def _student_fn(model: nn.Module, cond: Tensor | None, autocast: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    def call(x: Tensor, sigma: Tensor) -> Tensor:
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+        with ctx:
+            out = model(x, sigma) if cond is None else model(x, sigma, cond)
+        return out.to(x.dtype)
+
+    return call
+
+
+def _evaluate(den: Any, cfg: WorkerConfig, device: torch.device) -> dict[str, float]:
+    sig = torch.tensor(cfg.sigmas, dtype=torch.float64)
+    bs = cfg.spec.eval_batch_size
+    with torch.no_grad():
+        return {
+            "select_error": float(true_error(den, cfg.select.to(device), sig, batch_size=bs)),
+            "test_error": float(true_error(den, cfg.test.to(device), sig, batch_size=bs)),
+        }
+
+
+class _Stop(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
+    """Train one round on this worker; returns rank 0's summary (state, stop reason, last checkpoint)."""
+    spec, device, root = cfg.spec, ctx.device(), Path(cfg.out_dir)
+    torch.manual_seed(spec.seed + 7919 * ctx.rank)
+    teacher_den = load_teacher(cfg.teacher, device)
+    counter = CountingDenoiser(teacher_den)
+    if is_conditional(teacher_den):
+        counter.conditions = teacher_den.conditions  # type: ignore[attr-defined]
+    teacher = IntervalTeacher(counter, cfg.sigmas, spec.max_log_step, spec.teacher_solver)
+    student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
+    ema = make_ema(module, decay=spec.ema_decay)
+    optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay)
+    state = ck.TrainState(history=[], config_key=cfg.config_key)
+    resume = _pick_resume(ctx.restored(), cfg.resume_from)
+    if resume is not None:
+        ema_state, student_state, opt_state, state = ck.read_checkpoint(resume)
+        if state.config_key != cfg.config_key:
+            raise ValueError(f"checkpoint {resume} belongs to another Phase-2 configuration; use a new out_dir")
+    clock = Clock(budget_seconds=60.0 * spec.max_minutes, max_steps=spec.max_steps, seconds_before=state.seconds)
+    clock.step = state.step
+    scheduler = make_scheduler(optimizer, clock, warmup_steps=spec.warmup_steps, lr=spec.lr, lr_final=spec.lr_final)
+    if resume is not None:  # after the scheduler exists: its constructor rewrites the optimizer's lr
+        module.load_state_dict(student_state)
+        ema.module.load_state_dict(ema_state)
+        ema.n_averaged.fill_(int(opt_state["ema_updates"]))
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+    model = ctx.prepare(module)
+    weights = torch.tensor(cfg.weights, dtype=torch.float32, device=device)
+    world = ctx.world_size
+    batch = max(1, math.ceil(spec.batch_size / world))
+    pool = NoisePool(
+        max(1, spec.pool_size // world) if spec.pool_size else 1, cfg.shape, cfg.sigmas[0],
+        seed=spec.seed * 1009 + ctx.rank, device=device, dtype=cfg.select.x_start.dtype,
+        n_conditions=cfg.n_conditions,
+    )
+    fresh = spec.pool_size is None  # no reuse: new noise every step (the plain baseline)
+    autocast = spec.autocast and device.type == "cuda"
+    if resume is None and ctx.rank == 0:
+        state.history = []
+        state.initial = _evaluate(ema.module, cfg, device)
+    last_ckpt, stopped = resume, None
+    try:
+        while not clock.done:
+            sums: dict[str, Any] = {"loss": 0.0, "per_step": torch.zeros(len(cfg.sigmas) - 1), "grad": 0.0, "n": 0}
+            mode = "student"
+            for _ in range(spec.steps_per_epoch):
+                flags = torch.tensor([0.0, float(clock.done)], device=device)
+                if bool(ctx.any_flag(flags)[1]):
+                    break
+                mode = "forced" if clock.progress < spec.teacher_forced_fraction else "student"
+                parts = _step_loss(cfg, pool, teacher, model, weights, clock.step, batch, mode, fresh, autocast)
+                bad = not bool(torch.isfinite(parts.total))
+                flags = ctx.any_flag(torch.tensor([float(bad), 0.0], device=device))
+                if bool(flags[0]):
+                    raise _Stop(f"non-finite loss at step {clock.step + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                parts.total.backward()
+                grad = torch.nn.utils.clip_grad_norm_(module.parameters(), spec.grad_clip)
+                optimizer.step()
+                clock.step += 1
+                scheduler.step()
+                ema.update_parameters(module)
+                sums["loss"] += float(parts.total.detach())
+                sums["per_step"] += parts.per_step.float().cpu()
+                sums["grad"] += float(grad)
+                sums["n"] += 1
+            if sums["n"] == 0:
+                break
+            state.epoch += 1
+            state.step = clock.step
+            state.seconds = clock.seconds
+            state.teacher_calls += counter.sample_calls
+            counter.sample_calls = 0
+            metrics = {
+                "epoch": state.epoch, "step": state.step, "loss": sums["loss"] / sums["n"],
+                "per_step_loss": (sums["per_step"] / sums["n"]).tolist(), "grad_norm": sums["grad"] / sums["n"],
+                "lr": float(optimizer.param_groups[0]["lr"]), "mode": mode,
+                "teacher_calls": _all_calls(ctx, state.teacher_calls, device),
+            }
+            folder = None
+            if ctx.rank == 0:
+                metrics.update(_evaluate(ema.module, cfg, device))
+                metrics["seconds"] = clock.seconds
+                state.history = [*(state.history or []), metrics]
+                folder = ck.write_checkpoint(
+                    root, ema_state=ck.state_dict_cpu(ema.module), student_state=ck.state_dict_cpu(module),
+                    optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "ema_updates": int(ema.n_averaged)},
+                    state=state,
+                )
+                ck.prune_checkpoints(root, spec.keep_checkpoints)
+                _append_epoch(root, metrics)
+                last_ckpt = folder
+            ctx.report(metrics, folder)
+    except ModelOutputError as exc:
+        stopped = f"the model returned NaN/inf during training ({exc})"
+    except _Stop as stop:
+        stopped = stop.reason
+    if stopped is not None:
+        kept = f"kept the checkpoint of epoch {state.epoch}" if last_ckpt is not None else "kept the starting weights"
+        stopped = f"{stopped}; {kept}"
+    return {
+        "state": state, "stopped_reason": stopped, "checkpoint": None if last_ckpt is None else str(last_ckpt),
+        "initial": state.initial, "start_weights": None if last_ckpt else ck.state_dict_cpu(ema.module),
+    }
+
+
+def _pick_resume(restored: Path | None, resume_from: str | None) -> Path | None:
+    """The newer of Ray's restored checkpoint and the round folder's newest complete one."""
+    options = [Path(p) for p in (restored, resume_from) if p is not None and (Path(p) / "state.json").is_file()]
+    return max(options, key=lambda p: p.name) if options else None
+
+
+def _all_calls(ctx: WorkerContext, calls: int, device: torch.device) -> int:
+    """Teacher sample-calls summed over workers (each worker counts its own)."""
+    if ctx.world_size == 1:
+        return calls
+    import torch.distributed as dist
+
+    t = torch.tensor([float(calls)], device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _append_epoch(root: Path, metrics: dict[str, Any]) -> None:
+    import json
+
+    with open(root / ck.EPOCHS_FILE, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+        f.flush()
+
+
+def _step_loss(
+    cfg: WorkerConfig, pool: NoisePool, teacher: IntervalTeacher, model: nn.Module, weights: Tensor,
+    step: int, batch: int, mode: str, fresh: bool, autocast: bool,
+) -> LossParts:
+    """One batch's loss (see `fewstep_search.phase2.loss`); the pool supplies noise and cached teacher work."""
+    spec = cfg.spec
+    if fresh:
+        g = torch.Generator().manual_seed(spec.seed * 100_003 + step)
+        x = (cfg.sigmas[0] * torch.randn(batch, *cfg.shape, generator=g, dtype=torch.float64)).to(
+            device=weights.device, dtype=cfg.select.x_start.dtype)
+        cond = None if cfg.n_conditions == 0 else torch.randint(0, cfg.n_conditions, (batch,), generator=g)
+        cond = None if cond is None else cond.to(weights.device)
+        bound = teacher if cond is None else IntervalTeacher(
+            bind_condition(teacher.teacher, cond), teacher.sigmas, teacher.max_log_step, teacher.solver)
+        student = _student_fn(model, cond, autocast)
+        parts = student_state_loss(student, bound.target, x, cfg.sigmas, weights)
+        return parts
+    idx = pool.indices(step, batch)
+    x, cond = pool.x[idx.to(pool.x.device)], pool.conditions(idx)
+    student = _student_fn(model, cond, autocast)
+    if mode == "forced":
+        parts = teacher_forced_loss(student, pool.trajectories(teacher, idx), cfg.sigmas, weights)
+    else:
+        first = pool.first_targets(teacher, idx) if spec.cache_first_target else None
+        parts = student_state_loss(student, pool.teacher_for(teacher, idx).target, x, cfg.sigmas, weights,
+                                   first_target=first)
+    if spec.end_to_end_weight > 0:
+        x_end = pool.trajectories(teacher, idx)[-1]
+        e2e = end_to_end(student, x, x_end, cfg.sigmas)
+        parts = LossParts(total=parts.total + spec.end_to_end_weight * e2e, per_step=parts.per_step,
+                          end_to_end=e2e.detach())
+    return parts

@@ -1,0 +1,145 @@
+"""Phase-2 math: the teacher's interval targets (checked by step halving), the ideal output, the loss weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_phase2_models import make_tiny
+
+from fewstep_search.bank import Bank
+from fewstep_search.models.mixture import GaussianMixture
+from fewstep_search.phase2.loss import rms_gain, step_weights, student_state_loss, teacher_forced_loss
+from fewstep_search.phase2.targets import IntervalTeacher, calls_for, ideal_output, solve_interval
+from fewstep_search.schedules import make_schedule
+from fewstep_search.solvers import ddim, reference, substeps_for
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    return make_tiny(seed=3)
+
+
+def _x(n: int = 16, dim: int = 8, sigma: float = 80.0) -> torch.Tensor:
+    return sigma * torch.randn(n, dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("solver", ["rk4", "rk4_exp"])
+@pytest.mark.parametrize(("s0", "s1"), [(80.0, 4.0), (4.0, 0.5), (0.2, 0.002)])
+def test_targets_converge_under_step_halving(mixture8: GaussianMixture, solver: str, s0: float, s1: float) -> None:
+    """Halving the sub-step shrinks the target error (4th order away from the stiff low-noise end), and the
+    default bound (0.25 in log sigma) leaves an error well under 1% of the step's own size ||y - r x||."""
+    x = _x(sigma=s0)
+    ref = solve_interval(mixture8, x, s0, s1, max_log_step=0.25 / 16, solver=solver)
+    errs = [float((solve_interval(mixture8, x, s0, s1, max_log_step=h, solver=solver) - ref).norm()) for h in
+            (0.5, 0.25, 0.125)]
+    scale = float((ref - (s1 / s0) * x).norm())
+    assert errs[1] < 5e-3 * scale
+    assert errs[2] < errs[1] < errs[0]
+    assert errs[1] / errs[2] > (8.0 if s1 >= 0.5 else 3.0)
+
+
+def test_exponential_form_is_far_more_accurate_at_high_noise(mixture8: GaussianMixture) -> None:
+    """Why `rk4_exp` exists: at high noise |x| ~ sigma sqrt(d) dominates plain RK4's error; the integrating
+    factor removes it (same calls per sub-step)."""
+    x = _x()
+    ref = solve_interval(mixture8, x, 80.0, 4.0, max_log_step=0.25 / 16, solver="rk4_exp")
+    plain = float((solve_interval(mixture8, x, 80.0, 4.0, solver="rk4") - ref).norm())
+    expo = float((solve_interval(mixture8, x, 80.0, 4.0, solver="rk4_exp") - ref).norm())
+    assert expo < plain / 10
+
+
+def test_one_long_rk4_step_is_far_off_but_bounded_steps_are_not(mixture8: GaussianMixture) -> None:
+    """DESIGN.md pitfall: one RK4 step across 80 -> 4 is unstable; the sub-step bound fixes it."""
+    x = _x()
+    ref = solve_interval(mixture8, x, 80.0, 4.0, max_log_step=0.01)
+    one = solve_interval(mixture8, x, 80.0, 4.0, max_log_step=10.0)
+    bounded = solve_interval(mixture8, x, 80.0, 4.0, max_log_step=0.25)
+    assert substeps_for(80.0, 4.0, 10.0) == 1 and substeps_for(80.0, 4.0, 0.25) == 12
+    assert float((one - ref).norm()) > 100 * float((bounded - ref).norm())
+    assert float((one - ref).norm()) > 0.1 * float(ref.norm())
+
+
+def test_both_teacher_solvers_agree_with_the_reference_solver(mixture8: GaussianMixture) -> None:
+    x = _x()
+    sig = torch.tensor([80.0, 1.0], dtype=torch.float64)
+    ref = reference(mixture8, x, sig, substeps=64)
+    for solver in ("rk4", "rk4_exp"):
+        y = solve_interval(mixture8, x, 80.0, 1.0, solver=solver)
+        assert torch.allclose(y, ref, rtol=0, atol=1e-4 * float(ref.norm()))
+
+
+def test_ideal_output_makes_the_ddim_step_land_on_the_target(tiny: torch.nn.Module) -> None:
+    x = _x(sigma=3.0).float()
+    y = solve_interval(tiny, x, 3.0, 1.0)
+    dbar = ideal_output(y, x, 3.0, 1.0)
+    step = ddim(lambda xx, s: dbar, x, torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(step, y, atol=1e-5)
+    # over a tiny interval D_bar tends to the teacher's own output at s0
+    y_short = solve_interval(tiny, x, 3.0, 3.0 * math.exp(-1e-3))
+    with torch.no_grad():
+        d0 = tiny(x, torch.full((x.shape[0],), 3.0))
+    assert float((ideal_output(y_short, x, 3.0, 3.0 * math.exp(-1e-3)) - d0).abs().max()) < 5e-3
+
+
+def test_d0_saves_one_call_per_interval_and_changes_nothing(tiny: torch.nn.Module) -> None:
+    calls = []
+
+    def counted(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return tiny(x, s)
+
+    x = _x(sigma=4.0).float()
+    with torch.no_grad():
+        d0 = tiny(x, torch.full((x.shape[0],), 4.0))
+    a = solve_interval(counted, x, 4.0, 0.5)
+    n_full = len(calls)
+    calls.clear()
+    b = solve_interval(counted, x, 4.0, 0.5, d0=d0)
+    assert n_full == calls_for(4.0, 0.5, max_log_step=0.25) and len(calls) == n_full - 1
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def _bank_like(phi: torch.Tensor, grid: torch.Tensor) -> Bank:
+    k, m = phi.shape
+    z = torch.zeros(k, 2)
+    return Bank(grid=grid, x_start=z, x_end=z, denoised=torch.zeros(k, m, 2), phi=phi, split=torch.zeros(k))
+
+
+def test_rms_gain_interpolates_the_mean_square_in_log_sigma() -> None:
+    grid = torch.tensor([80.0, 8.0, 0.8], dtype=torch.float64)
+    phi = torch.tensor([[3.0, 2.0, 1.0], [5.0, 2.0, 1.0]])
+    bank = _bank_like(phi, grid)
+    got = rms_gain(bank, torch.tensor([80.0, 8.0, math.sqrt(80.0 * 8.0), 0.8, 0.1]))
+    want_mid = math.sqrt(0.5 * (17.0 + 4.0))  # halfway in log sigma between mean squares 17 and 4
+    assert torch.allclose(got, torch.tensor([math.sqrt(17.0), 2.0, want_mid, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_step_weights_are_the_propagated_interval_weights(bank8: Bank) -> None:
+    sig = make_schedule("edm", 5, bank8.sigma_min, bank8.sigma_max).tensor()
+    w = step_weights(bank8, sig)
+    r = sig[1:] / sig[:-1]
+    assert w.shape == (5,) and torch.all(w > 0)
+    assert torch.allclose(w, (rms_gain(bank8, sig[1:]) * (1 - r)) ** 2)
+    assert math.isclose(float(rms_gain(bank8, sig[-1:])), 1.0, rel_tol=1e-6)  # phi = 1 at sigma_min
+
+
+def test_losses_vanish_for_the_teacher_on_its_own_trajectory_and_not_for_another_model(tiny: torch.nn.Module) -> None:
+    sigmas = tuple(float(s) for s in make_schedule("edm", 3, 0.002, 80.0).sigmas)
+    teacher = IntervalTeacher(tiny, sigmas)
+    x = _x(8).float()
+    states = teacher.trajectory(x)
+    w = torch.ones(3)
+    other = make_tiny(seed=4)
+    with torch.no_grad():
+        # the teacher-forced loss of a student equal to the teacher is its own one-step (DDIM) error: small but
+        # positive; a different network is much worse
+        own = teacher_forced_loss(tiny, states, sigmas, w).total
+        diff = teacher_forced_loss(other, states, sigmas, w).total
+        assert 0 < float(own) < float(diff)
+        # the student-state loss with D_bar targets: a student that outputs D_bar exactly has zero loss
+        first = teacher.target(x, 0)
+        parts = student_state_loss(lambda xx, s: first if s[0] == sigmas[0] else teacher.target(xx, 1 if s[0] ==
+                                   sigmas[1] else 2), teacher.target, x, sigmas, w, first_target=first)
+        assert float(parts.total) < 1e-8
