@@ -140,8 +140,12 @@ class TestDPThenAdam(OptimizerTestCase):
 
 
 def test_every_registered_optimizer_has_a_conformance_case() -> None:
+    """The search's own optimizers run the suite; the peers return their method's schedule, not the best point
+    they evaluated (so "better than the start" is not theirs to meet): tests/test_peers_wrappers.py covers them."""
+    from fewstep_search.phase1.peers import PEER_OPTIMIZERS
+
     covered = {cls.name for cls in OptimizerTestCase.__subclasses__()}
-    assert covered == set(OPTIMIZERS) - {"none"}
+    assert covered == set(OPTIMIZERS) - {"none"} - set(PEER_OPTIMIZERS)
 
 
 def test_identity_returns_the_start(bank8: Bank, mixture8: GaussianMixture) -> None:
