@@ -20,6 +20,7 @@ n_trajectories = 16
 grid_size = 24
 [search]
 heuristics = ["edm", "vp_time_quadratic"]
+solvers = ["ddim"]
 [[search.trials]]
 optimizer = "dp"
 parameterization = "grid"
