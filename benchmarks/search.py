@@ -3,7 +3,7 @@
 For each model (the exact mixture `builtin_mixture(64)`; the built-in `digits` model) and budget N, on the bank
 the CLI builds by default for it (digits: K = 128, M = 64, float32; mixture: studies/mixture64.toml's K = 512,
 M = 128, float64), the default portfolio runs through the Ray Tune executor (the CLI's path; Ray started
-once, its start-up reported apart) twice in one run: with early stopping of costly trials (ASHA on the select
+once, its start-up reported apart; the cheap trials in the driver first, as the CLI runs them) twice in one run: with early stopping of costly trials (ASHA on the select
 error, the default) and without. Reported:
 * test E of the winner (picked on select E), of each optimizer family's best trial (picked on select E), of the
   best heuristic (picked on select E), and, with `--oracle-steps`, of an oracle: a long direct optimization of E
@@ -33,7 +33,7 @@ import torch
 from fewstep_search.bank import Bank, BankMismatchError, build_bank, load_bank
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase1.chains import Chain, DPThenAdam, Stage
-from fewstep_search.phase1.engine import Phase1Result, TrialContext, run_phase1
+from fewstep_search.phase1.engine import Phase1Result, TieredExecutor, TrialContext, run_phase1
 from fewstep_search.phase1.optimizers import LBFGSB, Adam
 from fewstep_search.phase1.parameterizations import Logits
 from fewstep_search.phase1.portfolio import trial_specs
@@ -90,7 +90,8 @@ def _oracle(den: Any, bank: Bank, nfe: int, steps: int) -> float:
 def _search(bank: Bank, kind: str, nfe: int, workers: int, pruning: bool) -> tuple[Phase1Result, float]:
     spec = SearchSpec(pruning=PruningSpec(enabled=pruning))
     specs = trial_specs(spec, budget=nfe)
-    executor = RayTuneExecutor(workers=workers, pruning=spec.pruning, name=f"bench_{kind}_{nfe}_{pruning}")
+    executor = TieredExecutor(costly=RayTuneExecutor(workers=workers, pruning=spec.pruning,
+                                                     name=f"bench_{kind}_{nfe}_{pruning}"))
     t = time.perf_counter()
     result = run_phase1(specs, bank=bank, model=MODELS[kind]["source"], context=TrialContext(nfe=nfe),
                         executor=executor)

@@ -30,7 +30,7 @@ import torch
 from fewstep_search.bank import Bank
 from fewstep_search.denoiser import Denoiser, bind_condition
 from fewstep_search.models.source import ModelSource, trainable_module
-from fewstep_search.phase1.engine import Executor, InProcessExecutor, TrialContext, run_phase1
+from fewstep_search.phase1.engine import Executor, InProcessExecutor, TieredExecutor, TrialContext, run_phase1
 from fewstep_search.phase1.portfolio import trial_specs
 from fewstep_search.phase1.record import OptunaRecord, sqlite_url
 from fewstep_search.phase1.registry import OptimizerFactory
@@ -162,9 +162,10 @@ class _Run:
             return InProcessExecutor(pruning=s.pruning, max_failures=s.max_failures)
         from fewstep_search.phase1.ray_tune import RayTuneExecutor
 
-        return RayTuneExecutor(workers=s.workers, address=s.address, max_failures=s.max_failures,
-                               cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
-                               pruning=s.pruning, storage_path=self.rundir.path / "tune", name=f"round_{r}")
+        ray = RayTuneExecutor(workers=s.workers, address=s.address, max_failures=s.max_failures,
+                              cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
+                              pruning=s.pruning, storage_path=self.rundir.path / "tune", name=f"round_{r}")
+        return TieredExecutor(costly=ray, cheap=InProcessExecutor(max_failures=s.max_failures))
 
     def phase1(self, r: int, bank: Bank, model: ModelSource) -> dict[str, Any]:
         """Round r's search (or its finished result read back)."""

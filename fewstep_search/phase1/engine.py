@@ -28,7 +28,7 @@ from fewstep_search.phase1.select import DEFAULT_TIE_TOLERANCE, best_heuristic, 
 from fewstep_search.phase1.trials import Progress, TrialRecord, TrialSpec, run_trial
 from fewstep_search.study.search import PruningSpec
 
-__all__ = ["TrialContext", "Executor", "InProcessExecutor", "Phase1Result", "run_phase1"]
+__all__ = ["TrialContext", "Executor", "InProcessExecutor", "TieredExecutor", "Phase1Result", "run_phase1"]
 
 OnRecord = Callable[[TrialRecord], None]
 
@@ -134,6 +134,26 @@ class InProcessExecutor:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             else:
                 study.tell(trial, record.select_error)
+
+
+class TieredExecutor:
+    """Cheap trials in this process first, then the costly ones on another executor (Ray Tune).
+
+    Why: a heuristic, a DP or a one-shot peer takes milliseconds to a second, less than Tune's own overhead
+    per trial; running them in the driver first costs nothing and leaves the workers to the true-error trials.
+    """
+
+    def __init__(self, *, costly: Executor, cheap: Executor | None = None) -> None:
+        self.costly, self.cheap = costly, cheap or InProcessExecutor()
+
+    def run(self, specs: Sequence[TrialSpec], *, bank: Bank, model: ModelSource, context: TrialContext,
+            on_record: OnRecord) -> None:
+        cheap = [s for s in specs if not s.is_costly]
+        costly = [s for s in specs if s.is_costly]
+        if cheap:
+            self.cheap.run(cheap, bank=bank, model=model, context=context, on_record=on_record)
+        if costly:
+            self.costly.run(costly, bank=bank, model=model, context=context, on_record=on_record)
 
 
 def _debug() -> bool:
