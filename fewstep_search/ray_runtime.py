@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 __all__ = ["ray_session", "quiet_ray"]
@@ -45,6 +47,25 @@ def quiet_ray() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+def _session_dir() -> str | None:
+    try:
+        import ray
+
+        return str(ray._private.worker.global_worker.node.get_session_dir_path())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _start_watchdog() -> None:
+    """Guard the local Ray we just started: if this process is SIGKILLed, `ray_watchdog` stops Ray's orphans."""
+    session = _session_dir()
+    if session is None or not sys.platform.startswith("linux"):
+        return
+    subprocess.Popen([sys.executable, "-m", "fewstep_search.ray_watchdog", str(os.getpid()), session],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
 @contextlib.contextmanager
 def ray_session(*, workers: int | None = None, address: str | None = None, gpus: int | None = None) -> Iterator[bool]:
     """Use a running Ray, attach to `address`, or start a local one with `workers` CPUs; stop only our own.
@@ -61,6 +82,7 @@ def ray_session(*, workers: int | None = None, address: str | None = None, gpus:
             else:
                 ray.init(num_cpus=workers, num_gpus=gpus, include_dashboard=False, logging_level=logging.ERROR,
                          log_to_driver=False, configure_logging=True)
+                _start_watchdog()
             started = True
         try:
             yield started

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from fewstep_search.ray_watchdog import stop_session
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,21 +35,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _kill_tree_of(temp_dir: Path) -> None:
-    """Stop this test's Ray processes only (never `ray stop`, which stops every Ray on the machine)."""
-    def pids() -> list[int]:
-        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        return [int(line.split(None, 1)[0]) for line in out.splitlines() if str(temp_dir) in line]
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
 
 
 @pytest.mark.slow
@@ -83,5 +68,5 @@ def test_a_run_on_a_real_two_node_local_cluster(tmp_path: Path) -> None:
         phase1 = json.loads((out / "round_1" / "phase1.json").read_text())
         assert {c["kind"] for c in phase1["candidates"]} == {"heuristic", "dp", "adam"}
     finally:
-        _kill_tree_of(temp)
+        stop_session(str(temp))  # this test's Ray only (never `ray stop`, which stops every Ray on the machine)
         shutil.rmtree(temp, ignore_errors=True)
