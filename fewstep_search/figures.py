@@ -30,7 +30,7 @@ def pairs_of(results: Mapping[str, Any], rundir: RunDir) -> list[tuple[str, dict
     p1 = rundir.phase1_result(1) or {}
     out: list[tuple[str, dict[str, Any], Path | None]] = []
     if p1.get("best_heuristic"):
-        out.append((f"heuristic ({p1['best_heuristic']['name']})", p1["best_heuristic"], None))
+        out.append((f"heuristic: {p1['best_heuristic']['name']}", p1["best_heuristic"], None))
     if p1.get("best"):
         out.append(("Phase-1", p1["best"], None))
     for rd in results.get("rounds", []):

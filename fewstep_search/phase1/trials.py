@@ -115,6 +115,8 @@ class TrialSpec:
     def label(self) -> str:
         """A short name for tables and schedule files."""
         solver = "" if self.solver == "ddim" else f"[{self.solver}]"
+        if self.is_baseline:
+            return f"{self.start}{solver}"
         return f"{self.optimizer}:{self.objective}:{self.parameterization}<-{self.start}{solver}"
 
     @property
