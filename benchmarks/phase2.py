@@ -83,6 +83,41 @@ def _test_e(den: Any, bank: Bank, sigmas: Tensor) -> float:
     return float(true_error(den, bank.test(), sigmas, batch_size=256))
 
 
+@torch.no_grad()
+def target_accuracy(nfe_list: list[int], schedule: str, bank: Bank, *, n: int = 32, seed: int = 0) -> str:
+    """Markdown table: the teacher target's error relative to the student's residual, per interval and solver.
+
+    States are the untouched model's own DDIM states from fresh noise (what a round starts from); the reference
+    is plain RK4 with sub-steps of 1/48 in log sigma. The residual is `(1 - r) ||D - D_bar||` (the step error
+    the loss removes); a target error much smaller than it does not limit training.
+    """
+    from fewstep_search.phase2.targets import calls_for, solve_interval
+
+    den = load_digits()
+    lines = ["| N | interval | residual | " + " | ".join(
+        f"{solver} {h:g} (calls)" for solver in ("rk4", "rk4_exp") for h in (1.0, 0.5, 0.25)) + " |",
+        "|" + "---|" * 9]
+    for nfe in nfe_list:
+        sig = _schedule(schedule, nfe, bank).sigmas
+        x = SIGMA_MAX * torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+        for i in range(nfe):
+            s0, s1 = float(sig[i]), float(sig[i + 1])
+            d = den(x, torch.full((n,), s0))
+            r = s1 / s0
+            ref = solve_interval(den, x, s0, s1, max_log_step=1 / 48)
+            resid = float(((1 - r) * d - (ref - r * x)).flatten(1).norm(dim=1).mean())
+            cells = []
+            for solver in ("rk4", "rk4_exp"):
+                for h in (1.0, 0.5, 0.25):
+                    y = solve_interval(den, x, s0, s1, max_log_step=h, solver=solver)  # type: ignore[arg-type]
+                    err = float((y - ref).flatten(1).norm(dim=1).mean())
+                    cells.append(f"{100 * err / resid:.1f}% ({calls_for(s0, s1, max_log_step=h)})")
+            lines.append(f"| {nfe} | {s0:.3g} -> {s1:.3g} | {resid:.3f} | " + " | ".join(cells) + " |")
+            print(lines[-1], file=sys.stderr)
+            x = r * x + (1 - r) * d
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 10])
@@ -98,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("/tmp/fewstep_phase2_bench"))
     p.add_argument("--md", type=Path, default=None, help="also write the table here")
+    p.add_argument("--targets", action="store_true", help="only the teacher-target accuracy table")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.targets:
+        print(target_accuracy(a.nfe, a.schedule, _bank(a.out, a.trajectories, a.grid)))
+        return 0
     variants = [v.partition(":") for v in (a.variant or ["default:"])]
     common = _parse_pairs(a.set)
     den = load_digits()
@@ -133,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             cut = 1.0 - e1 / e0
             rows.append({
                 "nfe": nfe, "schedule": sched.name, "variant": name or "default", "minutes": minutes,
+                "wall_minutes": res.wall_seconds / 60.0, "clock": spec.clock,
                 "steps": res.steps, "teacher_calls": res.teacher_calls, "test_e_before": e0, "test_e_after": e1,
                 "cut": cut, "cut_per_min": cut / minutes if minutes > 0 else float("nan"), "fd_before": fd0,
                 "fd_after": fd1, "fd_edm10_untouched": fd_edm10, "stopped": res.stopped_reason,
@@ -141,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"N={nfe} {name}: E {e0:.4f} -> {e1:.4f} ({100 * cut:.1f}%), FD {fd0:.2f} -> {fd1:.2f}",
                   file=sys.stderr)
             atomic_write_json(a.out / f"{stamp}_results.json", rows)
-    header = ("| N | schedule | variant | minutes | steps | teacher calls | test E before | test E after | cut | "
-              "cut / min | FD before | FD after | FD untouched, EDM 10 steps |")
-    lines = [header, "|" + "---|" * 13]
+    header = ("| N | schedule | variant | minutes (clock) | wall min | steps | teacher calls | test E before | "
+              "test E after | cut | cut / min | FD before | FD after | FD untouched, EDM 10 steps |")
+    lines = [header, "|" + "---|" * 14]
     for r in rows:
         lines.append(
-            f"| {r['nfe']} | {r['schedule']} | {r['variant']} | {r['minutes']:.1f} | {r['steps']} | "
+            f"| {r['nfe']} | {r['schedule']} | {r['variant']} | {r['minutes']:.1f} ({r['clock']}) | "
+            f"{r['wall_minutes']:.1f} | {r['steps']} | "
             f"{r['teacher_calls'] / 1e6:.2f} M | {r['test_e_before']:.4f} | {r['test_e_after']:.4f} | "
             f"{100 * r['cut']:.1f}% | {100 * r['cut_per_min']:.1f}% | {r['fd_before']:.2f} | {r['fd_after']:.2f} | "
             f"{r['fd_edm10_untouched']:.2f} |"

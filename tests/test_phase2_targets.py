@@ -10,7 +10,14 @@ from test_phase2_models import make_tiny
 
 from fewstep_search.bank import Bank
 from fewstep_search.models.mixture import GaussianMixture
-from fewstep_search.phase2.loss import rms_gain, step_weights, student_state_loss, teacher_forced_loss
+from fewstep_search.phase2.loss import (
+    fixed_state_loss,
+    rms_gain,
+    step_weights,
+    student_state_loss,
+    student_state_targets,
+    teacher_forced_loss,
+)
 from fewstep_search.phase2.targets import IntervalTeacher, calls_for, ideal_output, solve_interval
 from fewstep_search.schedules import make_schedule
 from fewstep_search.solvers import ddim, reference, substeps_for
@@ -25,7 +32,7 @@ def _x(n: int = 16, dim: int = 8, sigma: float = 80.0) -> torch.Tensor:
     return sigma * torch.randn(n, dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("solver", ["rk4", "rk4_exp"])
+@pytest.mark.parametrize("solver", ["rk4", "rk4_exp", "auto"])
 @pytest.mark.parametrize(("s0", "s1"), [(80.0, 4.0), (4.0, 0.5), (0.2, 0.002)])
 def test_targets_converge_under_step_halving(mixture8: GaussianMixture, solver: str, s0: float, s1: float) -> None:
     """Halving the sub-step shrinks the target error (4th order away from the stiff low-noise end), and the
@@ -61,13 +68,27 @@ def test_one_long_rk4_step_is_far_off_but_bounded_steps_are_not(mixture8: Gaussi
     assert float((one - ref).norm()) > 0.1 * float(ref.norm())
 
 
-def test_both_teacher_solvers_agree_with_the_reference_solver(mixture8: GaussianMixture) -> None:
+def test_the_teacher_solvers_agree_with_the_reference_solver(mixture8: GaussianMixture) -> None:
     x = _x()
-    sig = torch.tensor([80.0, 1.0], dtype=torch.float64)
+    sig = torch.tensor([80.0, 0.3], dtype=torch.float64)
     ref = reference(mixture8, x, sig, substeps=64)
-    for solver in ("rk4", "rk4_exp"):
-        y = solve_interval(mixture8, x, 80.0, 1.0, solver=solver)
+    for solver in ("rk4", "rk4_exp", "auto"):
+        y = solve_interval(mixture8, x, 80.0, 0.3, solver=solver)
         assert torch.allclose(y, ref, rtol=0, atol=1e-4 * float(ref.norm()))
+
+
+def test_auto_splits_at_sigma_one_and_counts_its_calls(tiny: torch.nn.Module) -> None:
+    calls = []
+
+    def counted(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        calls.append(float(s[0]))
+        return tiny(x, s)
+
+    x = _x(sigma=4.0).float()
+    solve_interval(counted, x, 4.0, 0.25, solver="auto", max_log_step=0.5)
+    # 4 -> 1 (log 1.39: 3 exp sub-steps) and 1 -> 0.25 (3 rk4 sub-steps), 4 calls each
+    assert len(calls) == calls_for(4.0, 0.25, max_log_step=0.5, solver="auto") == 24
+    assert min(calls[:12]) >= 1.0 - 1e-9 and max(calls[12:]) <= 1.0 + 1e-9
 
 
 def test_ideal_output_makes_the_ddim_step_land_on_the_target(tiny: torch.nn.Module) -> None:
@@ -143,3 +164,19 @@ def test_losses_vanish_for_the_teacher_on_its_own_trajectory_and_not_for_another
         parts = student_state_loss(lambda xx, s: first if s[0] == sigmas[0] else teacher.target(xx, 1 if s[0] ==
                                    sigmas[1] else 2), teacher.target, x, sigmas, w, first_target=first)
         assert float(parts.total) < 1e-8
+
+
+def test_the_batched_student_state_loss_equals_the_sequential_one(tiny: torch.nn.Module) -> None:
+    """Training uses (no-grad states, then one batched forward); it must be the DESIGN.md loss, gradients included."""
+    sigmas = tuple(float(s) for s in make_schedule("vp_time_quadratic", 4, 0.002, 80.0).sigmas)
+    teacher = IntervalTeacher(make_tiny(seed=9), sigmas, max_log_step=1.0)
+    x = _x(6).float()
+    w = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    seq = student_state_loss(tiny, teacher.target, x, sigmas, w)
+    g_seq = torch.autograd.grad(seq.total, list(tiny.parameters()))
+    states, targets = student_state_targets(tiny, teacher.target, x, sigmas)
+    bat = fixed_state_loss(tiny, states, targets, sigmas, w)
+    g_bat = torch.autograd.grad(bat.total, list(tiny.parameters()))
+    assert float(bat.total.detach()) == pytest.approx(float(seq.total.detach()), rel=1e-5)
+    assert torch.allclose(bat.per_step, seq.per_step, rtol=1e-4)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_seq, g_bat, strict=True))

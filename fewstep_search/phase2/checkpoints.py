@@ -6,6 +6,7 @@ Layout of a round's `out_dir`:
                                                      exactly the module `trainable_module` returns, keys unchanged)
                                 student.safetensors  the raw (non-averaged) student weights
                                 optimizer.pt         AdamW + LR-scheduler state (torch.load(weights_only=True))
+                                pool.safetensors     the noise pool's cached teacher / student work (if small)
                                 state.json           step, epoch, seconds, teacher calls, history, config key
     epochs.jsonl                one line per finished epoch (what the driver shows while training runs)
     model.safetensors           the result, copied from the last good checkpoint when the round ends
@@ -39,6 +40,7 @@ __all__ = [
     "RESULT_FILE",
     "EPOCHS_FILE",
     "TrainState",
+    "Checkpoint",
     "state_dict_cpu",
     "save_state_dict",
     "load_state_dict_file",
@@ -54,6 +56,7 @@ CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STUDENT_FILE = "student.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+POOL_FILE = "pool.safetensors"
 STATE_FILE = "state.json"
 RESULT_FILE = "result.json"
 EPOCHS_FILE = "epochs.jsonl"
@@ -67,6 +70,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     seconds: float = 0.0
+    wall_seconds: float = 0.0
     teacher_calls: int = 0
     history: list[dict[str, Any]] | None = None
     config_key: str = ""
@@ -74,7 +78,8 @@ class TrainState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch, "step": self.step, "seconds": self.seconds, "teacher_calls": self.teacher_calls,
+            "epoch": self.epoch, "step": self.step, "seconds": self.seconds, "wall_seconds": self.wall_seconds,
+            "teacher_calls": self.teacher_calls,
             "history": self.history or [], "config_key": self.config_key, "initial": self.initial,
         }
 
@@ -82,6 +87,7 @@ class TrainState:
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
         return cls(
             epoch=int(d["epoch"]), step=int(d["step"]), seconds=float(d["seconds"]),
+            wall_seconds=float(d.get("wall_seconds", d["seconds"])),
             teacher_calls=int(d.get("teacher_calls", 0)), history=list(d.get("history", [])),
             config_key=str(d.get("config_key", "")), initial=d.get("initial"),
         )
@@ -120,6 +126,7 @@ def write_checkpoint(
     student_state: dict[str, Tensor],
     optimizer_state: dict[str, Any],
     state: TrainState,
+    pool_state: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write `root/checkpoints/epoch_XXXXXX` atomically (temp folder + rename); returns the folder."""
     base = root / CHECKPOINTS
@@ -131,6 +138,8 @@ def write_checkpoint(
         save_state_dict(student_state, tmp / STUDENT_FILE)
         with atomic_path(tmp / OPTIMIZER_FILE) as p:
             torch.save(optimizer_state, p)
+        if pool_state:
+            save_state_dict(pool_state, tmp / POOL_FILE)
         atomic_write_json(tmp / STATE_FILE, state.to_dict())  # written last: a folder with it is complete
         os.chmod(tmp, 0o755)
         if final.exists():  # the same epoch redone after a crash between its write and the next
@@ -143,14 +152,28 @@ def write_checkpoint(
     return final
 
 
-def read_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any], TrainState]:
-    """(EMA state, student state, optimizer+scheduler state, TrainState); tensors on CPU, no code unpickled."""
+@dataclass
+class Checkpoint:
+    """A loaded epoch folder: tensors on CPU, nothing unpickled but plain containers and tensors."""
+
+    ema: dict[str, Tensor]
+    student: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    state: TrainState
+    pool: dict[str, Tensor] | None
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """Load an epoch folder written by `write_checkpoint` (safetensors + torch.load(weights_only=True))."""
     folder = Path(folder)
-    ema = load_state_dict_file(folder / MODEL_FILE)
-    student = load_state_dict_file(folder / STUDENT_FILE)
-    opt = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    state = TrainState.from_dict(json.loads((folder / STATE_FILE).read_text()))
-    return ema, student, opt, state
+    pool = folder / POOL_FILE
+    return Checkpoint(
+        ema=load_state_dict_file(folder / MODEL_FILE),
+        student=load_state_dict_file(folder / STUDENT_FILE),
+        optimizer=torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+        state=TrainState.from_dict(json.loads((folder / STATE_FILE).read_text())),
+        pool=load_state_dict_file(pool) if pool.is_file() else None,
+    )
 
 
 def _epoch_dirs(root: Path) -> list[tuple[int, Path]]:

@@ -29,7 +29,10 @@ from torch import Tensor
 from fewstep_search.bank import Bank
 from fewstep_search.phase2.targets import ideal_output
 
-__all__ = ["rms_gain", "step_weights", "LossParts", "student_state_loss", "teacher_forced_loss", "ddim_chain"]
+__all__ = [
+    "rms_gain", "step_weights", "LossParts", "student_state_loss", "teacher_forced_loss", "fixed_state_loss",
+    "student_state_targets", "ddim_chain", "end_to_end",
+]
 
 StudentFn = Callable[[Tensor, Tensor], Tensor]
 """The student as called in training: `(x [B, *shape], sigma [B]) -> D [B, *shape]` (conditions bound)."""
@@ -109,19 +112,50 @@ def student_state_loss(
     return LossParts(total=per.sum(0).mean(), per_step=per.detach().mean(1))
 
 
+def fixed_state_loss(
+    student: StudentFn, states: Tensor, targets: Tensor, sigmas: tuple[float, ...], weights: Tensor
+) -> LossParts:
+    """The loss at given states [N, B, *shape] with given targets D_bar [N, B, *shape] (one batched student call).
+
+    Used with the teacher's own trajectory (teacher-forced) and with reused student-state targets.
+    """
+    n, b = len(sigmas) - 1, states.shape[1]
+    x = states.reshape(n * b, *states.shape[2:])
+    sig = torch.tensor(sigmas[:-1], dtype=x.dtype, device=x.device).repeat_interleave(b)
+    d = student(x, sig)
+    w = weights.to(device=x.device, dtype=torch.float32)
+    per = w[:, None] * _sq(d, targets.reshape(n * b, *targets.shape[2:])).reshape(n, b)
+    return LossParts(total=per.sum(0).mean(), per_step=per.detach().mean(1))
+
+
 def teacher_forced_loss(student: StudentFn, states: Tensor, sigmas: tuple[float, ...], weights: Tensor) -> LossParts:
     """The loss on the teacher's own trajectory `states` [N + 1, B, *shape] (one batched student call).
 
     D_bar of interval j is `(states[j + 1] - r states[j]) / (1 - r)`: the teacher trajectory is the exact solve.
     """
-    n, b = len(sigmas) - 1, states.shape[1]
-    x = states[:-1].reshape(n * b, *states.shape[2:])
-    sig = torch.tensor(sigmas[:-1], dtype=x.dtype, device=x.device).repeat_interleave(b)
-    d = student(x, sig).reshape(n, b, *states.shape[2:])
+    n = len(sigmas) - 1
     dbar = torch.stack([ideal_output(states[j + 1], states[j], sigmas[j], sigmas[j + 1]) for j in range(n)])
-    w = weights.to(device=x.device, dtype=torch.float32)
-    per = w[:, None] * _sq(d.flatten(0, 1), dbar.flatten(0, 1)).reshape(n, b)
-    return LossParts(total=per.sum(0).mean(), per_step=per.detach().mean(1))
+    return fixed_state_loss(student, states[:-1], dbar, sigmas, weights)
+
+
+@torch.no_grad()
+def student_state_targets(
+    student: StudentFn, target: TargetFn, x_start: Tensor, sigmas: tuple[float, ...], *,
+    first_target: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(states, D_bar) [N, B, *shape] along the student's DDIM states from `x_start`, without gradients.
+
+    What `student_state_loss` computes on the way, kept so the pairs can be trained on again later (reuse).
+    """
+    x = x_start
+    states, targets = [], []
+    for j in range(len(sigmas) - 1):
+        states.append(x)
+        targets.append(first_target if (j == 0 and first_target is not None) else target(x, j))
+        d = student(x, _sigma_batch(x, sigmas[j]))
+        r = sigmas[j + 1] / sigmas[j]
+        x = r * x + (1 - r) * d.to(x.dtype)
+    return torch.stack(states), torch.stack(targets)
 
 
 def ddim_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...]) -> Tensor:

@@ -23,17 +23,33 @@ class Clock:
     """Training progress in [0, 1]: steps over `max_steps` when given, else seconds over the time budget.
 
     `seconds` includes what earlier (resumed-from) sessions of the same round spent, so a resumed round trains
-    only for what is left of its budget.
+    only for what is left of its budget. `kind="cpu"` counts this process's CPU time divided by its torch
+    threads instead of wall time: on a machine shared with other jobs, that is the time the same work takes on
+    idle cores (slightly less, never more: threads waiting for a core cost nothing), so a budget means the same
+    amount of training whatever else runs. Wall time is always recorded too (`wall_seconds`).
     """
 
-    def __init__(self, *, budget_seconds: float, max_steps: int | None, seconds_before: float = 0.0) -> None:
-        self.budget, self.max_steps = budget_seconds, max_steps
-        self.before = seconds_before
+    def __init__(
+        self, *, budget_seconds: float, max_steps: int | None, seconds_before: float = 0.0,
+        wall_before: float = 0.0, kind: str = "wall",
+    ) -> None:
+        if kind not in ("wall", "cpu"):
+            raise ValueError(f"clock must be 'wall' or 'cpu', got {kind!r}")
+        self.budget, self.max_steps, self.kind = budget_seconds, max_steps, kind
+        self.before, self.wall_before = seconds_before, wall_before
         self.start = time.monotonic()
+        self.cpu_start = time.process_time()
+        self.threads = max(1, torch.get_num_threads())
         self.step = 0
 
     @property
+    def wall_seconds(self) -> float:
+        return self.wall_before + (time.monotonic() - self.start)
+
+    @property
     def seconds(self) -> float:
+        if self.kind == "cpu":
+            return self.before + (time.process_time() - self.cpu_start) / self.threads
         return self.before + (time.monotonic() - self.start)
 
     @property

@@ -15,6 +15,8 @@ refilled on demand after a resume (they are cheap relative to a round). Nothing 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -50,6 +52,9 @@ class NoisePool:
         self._has_first = torch.zeros(size, dtype=torch.bool)
         self._traj: Tensor | None = None
         self._has_traj = torch.zeros(size, dtype=torch.bool)
+        self._reuse_states: Tensor | None = None
+        self._reuse_targets: Tensor | None = None
+        self._reuse_pass = torch.full((size,), -1, dtype=torch.long)  # the pass that computed them; -1: none
         self._perms: dict[int, Tensor] = {}
 
     def indices(self, step: int, batch: int) -> Tensor:
@@ -102,6 +107,52 @@ class NoisePool:
             self._first[missing.to(dev)] = ideal_output(states[1], states[0], s0, s1)
             self._has_first[missing] = True
         return self._traj[idx.to(self.x.device)].transpose(0, 1)
+
+    def reused_targets(
+        self, idx: Tensor, step: int, batch: int, reuse: int,
+        compute: Callable[[Tensor], tuple[Tensor, Tensor]],
+    ) -> tuple[Tensor, Tensor]:
+        """Student-state (states, D_bar) [N, B, *shape] for pool samples `idx` of step `step`, reused for `reuse`
+        passes over the pool before `compute(missing_idx)` recomputes them with the current student.
+
+        Why: the teacher's solves dominate the cost, and the student moves little in one pass over the pool, so
+        its states (and their targets) from a pass or two ago are still close to what it would visit now.
+        """
+        passes = (torch.arange(step * batch, (step + 1) * batch) // self.size).to(torch.long)
+        stale = (self._reuse_pass[idx] < 0) | (passes - self._reuse_pass[idx] >= reuse)
+        todo = idx[stale].unique()
+        if todo.numel():
+            states, targets = compute(todo)  # [N, b, ...]
+            if self._reuse_states is None:
+                shape = (self.size, states.shape[0], *states.shape[2:])
+                self._reuse_states = torch.empty(shape, dtype=states.dtype, device=states.device)
+                self._reuse_targets = torch.empty(shape, dtype=targets.dtype, device=targets.device)
+            dev = self._reuse_states.device
+            self._reuse_states[todo.to(dev)] = states.transpose(0, 1)
+            self._reuse_targets[todo.to(dev)] = targets.transpose(0, 1)  # type: ignore[index]
+            self._reuse_pass[todo] = int(passes.max())
+        assert self._reuse_states is not None and self._reuse_targets is not None
+        dev = self._reuse_states.device
+        return (self._reuse_states[idx.to(dev)].transpose(0, 1), self._reuse_targets[idx.to(dev)].transpose(0, 1))
+
+    # ---------------------------------------------------------------- persistence (exact resume)
+
+    _CACHES = ("_first", "_has_first", "_traj", "_has_traj", "_reuse_states", "_reuse_targets", "_reuse_pass")
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._CACHES) if t is not None)
+
+    def cache_state(self) -> dict[str, Tensor]:
+        """The cached teacher / student work as CPU tensors (saved with a checkpoint so a resume is exact)."""
+        return {n.lstrip("_"): getattr(self, n).detach().cpu().contiguous().clone()
+                for n in self._CACHES if getattr(self, n) is not None}
+
+    def load_cache_state(self, state: dict[str, Tensor]) -> None:
+        for n in self._CACHES:
+            key = n.lstrip("_")
+            if key in state:
+                flag = n.startswith("_has") or n == "_reuse_pass"
+                setattr(self, n, state[key].clone() if flag else state[key].to(self.x.device))
 
     def conditions(self, idx: Tensor) -> Tensor | None:
         return None if self.cond is None else self.cond[idx.to(self.cond.device)]

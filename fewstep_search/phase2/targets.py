@@ -6,7 +6,7 @@ teacher's accurate solve gives `y = x*(s1)`; the student's DDIM step `r x + (1 -
 target, and its accuracy bounds what the student can learn: an error delta in y is an error delta / (1 - r) in
 D_bar, i.e. the same delta on the student's step.
 
-Two teacher solvers, both classical RK4 with sub-steps bounded in log sigma (`substeps_for`):
+Teacher solvers, all classical RK4 with sub-steps bounded in log sigma (`substeps_for`):
 
 * ``"rk4"``: `fewstep_search.solvers.rk4_interval`, RK4 on `dx/dt = x - D(x, e^t)`, t = log sigma.
 * ``"rk4_exp"``: RK4 on the exponential-integrator form of the same ODE (Lawson / integrating factor):
@@ -14,7 +14,8 @@ Two teacher solvers, both classical RK4 with sub-steps bounded in log sigma (`su
   integrated exactly, so the error scales with how much D varies, not with the size of x. Why it exists: at
   high noise `|x| ~ sigma sqrt(d)` dwarfs the student's residual, and plain RK4 with sub-steps of 0.25 in log
   sigma was measured to give targets whose error is ~20% of the residual on 80 -> 18 (digits, N = 10), where
-  this form is well under 1% at half the calls (docs/phase2.md has the table).
+  this form is ~1% at half the calls (docs/phase2.md has the table). Below sigma ~ 1 it is worse than plain RK4.
+* ``"auto"``: the exponential form above sigma = 1, plain RK4 below: the better of the two on each side.
 
 Both are checked by step halving in tests/test_phase2_targets.py. Nothing here imports Ray.
 """
@@ -34,8 +35,10 @@ from fewstep_search.solvers import rk4_interval, substeps_for
 
 __all__ = ["TeacherSolver", "TEACHER_SOLVERS", "CountingDenoiser", "solve_interval", "ideal_output", "calls_for"]
 
-TeacherSolver = Literal["rk4", "rk4_exp"]
-TEACHER_SOLVERS: tuple[str, ...] = ("rk4", "rk4_exp")
+TeacherSolver = Literal["rk4", "rk4_exp", "auto"]
+TEACHER_SOLVERS: tuple[str, ...] = ("rk4", "rk4_exp", "auto")
+AUTO_SPLIT = 1.0
+"""`"auto"` uses the exponential form above this sigma and plain RK4 below it (where it was measured better)."""
 
 
 class CountingDenoiser:
@@ -74,9 +77,21 @@ def _rk4_exp(den: Denoiser, x: Tensor, s0: float, s1: float, substeps: int, d0: 
     return z * s1
 
 
-def calls_for(s0: float, s1: float, *, max_log_step: float, d0_given: bool = False) -> int:
+def _pieces(s0: float, s1: float, solver: str) -> list[tuple[float, float, str]]:
+    """The interval as (from, to, form) pieces: `"auto"` splits it at AUTO_SPLIT."""
+    if solver != "auto":
+        return [(s0, s1, solver)]
+    if s1 >= AUTO_SPLIT:
+        return [(s0, s1, "rk4_exp")]
+    if s0 <= AUTO_SPLIT:
+        return [(s0, s1, "rk4")]
+    return [(s0, AUTO_SPLIT, "rk4_exp"), (AUTO_SPLIT, s1, "rk4")]
+
+
+def calls_for(s0: float, s1: float, *, max_log_step: float, solver: str = "rk4", d0_given: bool = False) -> int:
     """Teacher evaluations per sample for one interval (4 per RK4 sub-step, one fewer when D(x, s0) is given)."""
-    return 4 * substeps_for(s0, s1, max_log_step) - int(d0_given)
+    subs = sum(substeps_for(a, b, max_log_step) for a, b, _ in _pieces(float(s0), float(s1), solver))
+    return 4 * subs - int(d0_given)
 
 
 @torch.no_grad()
@@ -97,14 +112,20 @@ def solve_interval(
     s0, s1 = float(s0), float(s1)
     if not s0 > s1 > 0:
         raise ValueError(f"an interval needs s0 > s1 > 0, got {s0} -> {s1}")
-    k = substeps_for(s0, s1, max_log_step)
-    if solver == "rk4":
-        t0 = torch.tensor(s0, dtype=torch.float64)
-        t1 = torch.tensor(s1, dtype=torch.float64)
-        return rk4_interval(teacher, x, t0, t1, substeps=k, d0=d0)
-    if solver == "rk4_exp":
-        return _rk4_exp(teacher, x, s0, s1, k, d0)
-    raise ValueError(f"unknown teacher solver {solver!r}; known: {', '.join(TEACHER_SOLVERS)}")
+    if solver not in TEACHER_SOLVERS:
+        raise ValueError(f"unknown teacher solver {solver!r}; known: {', '.join(TEACHER_SOLVERS)}")
+    for a, b, form in _pieces(s0, s1, solver):
+        k = substeps_for(a, b, max_log_step)
+        if form == "rk4":
+            # sigmas on x's device, so the model is called with sigma beside x (float64 where the device has it)
+            wide = torch.float32 if x.device.type == "mps" else torch.float64
+            t0 = torch.tensor(a, dtype=wide, device=x.device)
+            t1 = torch.tensor(b, dtype=wide, device=x.device)
+            x = rk4_interval(teacher, x, t0, t1, substeps=k, d0=d0)
+        else:
+            x = _rk4_exp(teacher, x, a, b, k, d0)
+        d0 = None  # only valid at the interval's start
+    return x
 
 
 def ideal_output(y: Tensor, x: Tensor, s0: float, s1: float) -> Tensor:
@@ -121,11 +142,16 @@ class IntervalTeacher:
     sigmas: tuple[float, ...]
     max_log_step: float = 0.25
     solver: TeacherSolver = "rk4"
+    first_max_log_step: float | None = None
+    """The first interval's sub-step bound (its targets are cached per noise sample, so a finer one costs little)."""
+
+    def step_bound(self, i: int) -> float:
+        return self.first_max_log_step if (i == 0 and self.first_max_log_step is not None) else self.max_log_step
 
     def state(self, x: Tensor, i: int) -> Tensor:
         """x*(sigmas[i + 1]) from x at sigmas[i]."""
         return solve_interval(
-            self.teacher, x, self.sigmas[i], self.sigmas[i + 1], max_log_step=self.max_log_step, solver=self.solver
+            self.teacher, x, self.sigmas[i], self.sigmas[i + 1], max_log_step=self.step_bound(i), solver=self.solver
         )
 
     def target(self, x: Tensor, i: int) -> Tensor:
@@ -141,4 +167,7 @@ class IntervalTeacher:
     def calls_per_sample(self, intervals: range | None = None) -> int:
         """Teacher evaluations per sample for the given intervals (all by default)."""
         idx = intervals if intervals is not None else range(len(self.sigmas) - 1)
-        return sum(calls_for(self.sigmas[i], self.sigmas[i + 1], max_log_step=self.max_log_step) for i in idx)
+        return sum(
+            calls_for(self.sigmas[i], self.sigmas[i + 1], max_log_step=self.step_bound(i), solver=self.solver)
+            for i in idx
+        )

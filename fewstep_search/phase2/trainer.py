@@ -54,6 +54,7 @@ class FineTuneResult:
     initial: dict[str, float] | None = None
     teacher_calls: int = 0
     steps: int = 0
+    wall_seconds: float = 0.0
     out_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -66,7 +67,7 @@ class FineTuneResult:
         return {
             "checkpoint": str(self.checkpoint), "history": self.history, "stopped_reason": self.stopped_reason,
             "seconds": self.seconds, "initial": self.initial, "teacher_calls": self.teacher_calls,
-            "steps": self.steps,
+            "steps": self.steps, "wall_seconds": self.wall_seconds,
         }
 
     @classmethod
@@ -74,7 +75,7 @@ class FineTuneResult:
         return cls(
             checkpoint=out_dir / ck.MODEL_FILE, history=list(d["history"]), stopped_reason=d.get("stopped_reason"),
             seconds=float(d["seconds"]), initial=d.get("initial"), teacher_calls=int(d.get("teacher_calls", 0)),
-            steps=int(d.get("steps", 0)), out_dir=out_dir,
+            steps=int(d.get("steps", 0)), wall_seconds=float(d.get("wall_seconds", d["seconds"])), out_dir=out_dir,
         )
 
 
@@ -86,7 +87,7 @@ def eval_bank(part: Bank) -> Bank:
 
 def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float, ...], spec: Phase2Spec) -> str:
     """What makes two calls the same round: models, schedule and the settings that change the weights."""
-    budget_free = spec.model_dump(exclude={"max_minutes", "max_steps", "keep_checkpoints", "eval_batch_size"})
+    budget_free = spec.model_dump(exclude={"max_minutes", "max_steps", "clock", "keep_checkpoints", "eval_batch_size"})
     blob = json.dumps([teacher.model_id, student.model_id, list(sigmas), budget_free], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -162,7 +163,7 @@ def _finish(root: Path, summary: dict[str, Any], key: str, seconds: float) -> Fi
     result = FineTuneResult(
         checkpoint=path, history=list(state.history or []), stopped_reason=summary["stopped_reason"],
         seconds=state.seconds if state.history else seconds, initial=summary.get("initial") or state.initial,
-        teacher_calls=state.teacher_calls, steps=state.step, out_dir=root,
+        teacher_calls=state.teacher_calls, steps=state.step, wall_seconds=state.wall_seconds or seconds, out_dir=root,
     )
     atomic_write_json(root / ck.RESULT_FILE, {**result.to_dict(), "config_key": key})
     return result

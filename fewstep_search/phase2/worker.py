@@ -16,6 +16,7 @@ never imports Ray. Writing the round's result (`model.safetensors`, `result.json
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -31,7 +32,13 @@ from fewstep_search.denoiser import ModelOutputError, bind_condition, is_conditi
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.objectives import true_error
 from fewstep_search.phase2 import checkpoints as ck
-from fewstep_search.phase2.loss import LossParts, end_to_end, student_state_loss, teacher_forced_loss
+from fewstep_search.phase2.loss import (
+    LossParts,
+    end_to_end,
+    fixed_state_loss,
+    student_state_targets,
+    teacher_forced_loss,
+)
 from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
 from fewstep_search.phase2.pool import NoisePool
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
@@ -138,10 +145,15 @@ def load_student(source: ModelSource, device: torch.device, *, dropout: bool) ->
 
 
 def _student_fn(model: nn.Module, cond: Tensor | None, autocast: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    """The student as `(x, sigma) -> D` with the batch's conditions bound (tiled for the N-step batched call)."""
+
     def call(x: Tensor, sigma: Tensor) -> Tensor:
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
         with ctx:
-            out = model(x, sigma) if cond is None else model(x, sigma, cond)
+            if cond is None:
+                out = model(x, sigma)
+            else:
+                out = model(x, sigma, cond.repeat(x.shape[0] // cond.shape[0]))
         return out.to(x.dtype)
 
     return call
@@ -171,25 +183,28 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     counter = CountingDenoiser(teacher_den)
     if is_conditional(teacher_den):
         counter.conditions = teacher_den.conditions  # type: ignore[attr-defined]
-    teacher = IntervalTeacher(counter, cfg.sigmas, spec.max_log_step, spec.teacher_solver)
+    teacher = IntervalTeacher(counter, cfg.sigmas, spec.max_log_step, spec.teacher_solver,
+                              first_max_log_step=spec.first_max_log_step if spec.pool_size else None)
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
     optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay)
     state = ck.TrainState(history=[], config_key=cfg.config_key)
     resume = _pick_resume(ctx.restored(), cfg.resume_from)
-    if resume is not None:
-        ema_state, student_state, opt_state, state = ck.read_checkpoint(resume)
+    saved = ck.read_checkpoint(resume) if resume is not None else None
+    if saved is not None:
+        state = saved.state
         if state.config_key != cfg.config_key:
             raise ValueError(f"checkpoint {resume} belongs to another Phase-2 configuration; use a new out_dir")
-    clock = Clock(budget_seconds=60.0 * spec.max_minutes, max_steps=spec.max_steps, seconds_before=state.seconds)
+    clock = Clock(budget_seconds=60.0 * spec.max_minutes, max_steps=spec.max_steps, seconds_before=state.seconds,
+                  wall_before=state.wall_seconds, kind=spec.clock)
     clock.step = state.step
     scheduler = make_scheduler(optimizer, clock, warmup_steps=spec.warmup_steps, lr=spec.lr, lr_final=spec.lr_final)
-    if resume is not None:  # after the scheduler exists: its constructor rewrites the optimizer's lr
-        module.load_state_dict(student_state)
-        ema.module.load_state_dict(ema_state)
-        ema.n_averaged.fill_(int(opt_state["ema_updates"]))
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
+    if saved is not None:  # after the scheduler exists: its constructor rewrites the optimizer's lr
+        module.load_state_dict(saved.student)
+        ema.module.load_state_dict(saved.ema)
+        ema.n_averaged.fill_(int(saved.optimizer["ema_updates"]))
+        optimizer.load_state_dict(saved.optimizer["optimizer"])
+        scheduler.load_state_dict(saved.optimizer["scheduler"])
     model = ctx.prepare(module)
     weights = torch.tensor(cfg.weights, dtype=torch.float32, device=device)
     world = ctx.world_size
@@ -199,6 +214,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         seed=spec.seed * 1009 + ctx.rank, device=device, dtype=cfg.select.x_start.dtype,
         n_conditions=cfg.n_conditions,
     )
+    if saved is not None and saved.pool is not None and ctx.world_size == 1:
+        pool.load_cache_state(saved.pool)
     fresh = spec.pool_size is None  # no reuse: new noise every step (the plain baseline)
     autocast = spec.autocast and device.type == "cuda"
     if resume is None and ctx.rank == 0:
@@ -214,7 +231,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                 if bool(ctx.any_flag(flags)[1]):
                     break
                 mode = "forced" if clock.progress < spec.teacher_forced_fraction else "student"
-                parts = _step_loss(cfg, pool, teacher, model, weights, clock.step, batch, mode, fresh, autocast)
+                parts = _step_loss(cfg, pool, teacher, model, module, weights, clock.step, batch, mode, fresh,
+                                   autocast)
                 bad = not bool(torch.isfinite(parts.total))
                 flags = ctx.any_flag(torch.tensor([float(bad), 0.0], device=device))
                 if bool(flags[0]):
@@ -235,6 +253,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
             state.epoch += 1
             state.step = clock.step
             state.seconds = clock.seconds
+            state.wall_seconds = clock.wall_seconds
             state.teacher_calls += counter.sample_calls
             counter.sample_calls = 0
             metrics = {
@@ -247,12 +266,13 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
             if ctx.rank == 0:
                 metrics.update(_evaluate(ema.module, cfg, device))
                 metrics["seconds"] = clock.seconds
+                metrics["wall_seconds"] = clock.wall_seconds
                 state.history = [*(state.history or []), metrics]
                 folder = ck.write_checkpoint(
                     root, ema_state=ck.state_dict_cpu(ema.module), student_state=ck.state_dict_cpu(module),
                     optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "ema_updates": int(ema.n_averaged)},
-                    state=state,
+                    state=state, pool_state=_pool_state(pool, ctx.world_size),
                 )
                 ck.prune_checkpoints(root, spec.keep_checkpoints)
                 _append_epoch(root, metrics)
@@ -269,6 +289,21 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         "state": state, "stopped_reason": stopped, "checkpoint": None if last_ckpt is None else str(last_ckpt),
         "initial": state.initial, "start_weights": None if last_ckpt else ck.state_dict_cpu(ema.module),
     }
+
+
+_POOL_SAVE_LIMIT = 256 << 20
+"""Bytes of cached pool work saved with each checkpoint at most (beyond it a resume recomputes the caches)."""
+
+
+def _pool_state(pool: NoisePool, world_size: int) -> dict[str, Tensor] | None:
+    """The pool's caches for the checkpoint: one worker only (rank 0 writes the folder), and only if small.
+
+    Without them a resumed round recomputes the caches with the current student, so it is no longer bitwise
+    the uninterrupted run (it stays within noise of it).
+    """
+    if world_size != 1 or pool.cache_bytes() > _POOL_SAVE_LIMIT:
+        return None
+    return pool.cache_state()
 
 
 def _pick_resume(restored: Path | None, resume_from: str | None) -> Path | None:
@@ -297,10 +332,15 @@ def _append_epoch(root: Path, metrics: dict[str, Any]) -> None:
 
 
 def _step_loss(
-    cfg: WorkerConfig, pool: NoisePool, teacher: IntervalTeacher, model: nn.Module, weights: Tensor,
-    step: int, batch: int, mode: str, fresh: bool, autocast: bool,
+    cfg: WorkerConfig, pool: NoisePool, teacher: IntervalTeacher, model: nn.Module, module: nn.Module,
+    weights: Tensor, step: int, batch: int, mode: str, fresh: bool, autocast: bool,
 ) -> LossParts:
-    """One batch's loss (see `fewstep_search.phase2.loss`); the pool supplies noise and cached teacher work."""
+    """One batch's loss (see `fewstep_search.phase2.loss`); the pool supplies noise and cached teacher work.
+
+    Every mode ends in one batched forward of the (possibly DDP-wrapped) `model` over the N states: the states
+    themselves come without gradients (the student's own DDIM chain through the bare `module`, or the
+    teacher's trajectory), which is the loss's definition and what DDP needs (one forward per backward).
+    """
     spec = cfg.spec
     if fresh:
         g = torch.Generator().manual_seed(spec.seed * 100_003 + step)
@@ -308,20 +348,27 @@ def _step_loss(
             device=weights.device, dtype=cfg.select.x_start.dtype)
         cond = None if cfg.n_conditions == 0 else torch.randint(0, cfg.n_conditions, (batch,), generator=g)
         cond = None if cond is None else cond.to(weights.device)
-        bound = teacher if cond is None else IntervalTeacher(
-            bind_condition(teacher.teacher, cond), teacher.sigmas, teacher.max_log_step, teacher.solver)
-        student = _student_fn(model, cond, autocast)
-        parts = student_state_loss(student, bound.target, x, cfg.sigmas, weights)
-        return parts
+        bound = teacher if cond is None else dataclasses.replace(teacher, teacher=bind_condition(teacher.teacher, cond))
+        states, targets = student_state_targets(_student_fn(module, cond, autocast), bound.target, x, cfg.sigmas)
+        return fixed_state_loss(_student_fn(model, cond, autocast), states, targets, cfg.sigmas, weights)
     idx = pool.indices(step, batch)
     x, cond = pool.x[idx.to(pool.x.device)], pool.conditions(idx)
     student = _student_fn(model, cond, autocast)
     if mode == "forced":
         parts = teacher_forced_loss(student, pool.trajectories(teacher, idx), cfg.sigmas, weights)
     else:
-        first = pool.first_targets(teacher, idx) if spec.cache_first_target else None
-        parts = student_state_loss(student, pool.teacher_for(teacher, idx).target, x, cfg.sigmas, weights,
-                                   first_target=first)
+
+        def compute(todo: Tensor) -> tuple[Tensor, Tensor]:
+            first = pool.first_targets(teacher, todo) if spec.cache_first_target else None
+            bare = _student_fn(module, pool.conditions(todo), autocast)
+            return student_state_targets(bare, pool.teacher_for(teacher, todo).target, pool.x[todo.to(pool.x.device)],
+                                         cfg.sigmas, first_target=first)
+
+        if spec.target_reuse > 1:
+            states, targets = pool.reused_targets(idx, step, batch, spec.target_reuse, compute)
+        else:
+            states, targets = compute(idx)
+        parts = fixed_state_loss(student, states, targets, cfg.sigmas, weights)
     if spec.end_to_end_weight > 0:
         x_end = pool.trajectories(teacher, idx)[-1]
         e2e = end_to_end(student, x, x_end, cfg.sigmas)

@@ -20,6 +20,9 @@ class Phase2Spec(Strict):
 
     max_minutes: float = Field(default=4.0, gt=0, description="wall-time budget of one round (training + evals)")
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps (overrides the time budget)")
+    clock: Literal["wall", "cpu"] = Field(
+        default="wall", description="what max_minutes counts: wall time, or CPU time per torch thread (shared hosts)"
+    )
     batch_size: int = Field(default=64, ge=1, description="samples per optimizer step (split across workers)")
     lr: float = Field(default=1e-4, gt=0)
     lr_final: float = Field(default=1e-5, gt=0, description="the LR decays geometrically to this along the budget")
@@ -28,13 +31,20 @@ class Phase2Spec(Strict):
     ema_decay: float = Field(default=0.99, ge=0, lt=1, description="EMA decay (ramped up over the first updates)")
     grad_clip: float = Field(default=1.0, gt=0)
     max_log_step: float = Field(default=0.25, gt=0, description="teacher RK4 sub-step bound in log sigma")
-    teacher_solver: Literal["rk4", "rk4_exp"] = Field(
-        default="rk4", description="rk4: RK4 in log sigma; rk4_exp: RK4 on the exponential-integrator form"
+    first_max_log_step: float = Field(
+        default=0.25, gt=0, description="sub-step bound of the first interval (cached per pool sample: cheap)"
+    )
+    teacher_solver: Literal["rk4", "rk4_exp", "auto"] = Field(
+        default="rk4", description="rk4: RK4 in log sigma; rk4_exp: on the exponential-integrator form; auto: "
+        "rk4_exp above sigma 1, rk4 below"
     )
     pool_size: int | None = Field(
         default=1024, ge=1, description="fixed pool of starting noise (teacher work cached per sample); None: fresh"
     )
     cache_first_target: bool = Field(default=True, description="reuse the first interval's target per pool sample")
+    target_reuse: int = Field(
+        default=1, ge=1, description="passes over the pool a sample's student-state targets serve before a refresh"
+    )
     teacher_forced_fraction: float = Field(
         default=0.0, ge=0, le=1, description="share of the budget trained on the teacher's own trajectory first"
     )
@@ -52,6 +62,11 @@ class Phase2Spec(Strict):
     def _consistent(self) -> Phase2Spec:
         if self.lr_final > self.lr:
             raise ValueError(f"lr_final ({self.lr_final}) must not exceed lr ({self.lr})")
-        if self.pool_size is None and (self.teacher_forced_fraction > 0 or self.end_to_end_weight > 0):
-            raise ValueError("teacher_forced_fraction and end_to_end_weight need a noise pool (pool_size)")
+        if self.pool_size is None and (
+            self.teacher_forced_fraction > 0 or self.end_to_end_weight > 0 or self.target_reuse > 1
+        ):
+            raise ValueError("teacher_forced_fraction, end_to_end_weight and target_reuse need a pool (pool_size)")
+        if self.workers > 1 and self.end_to_end_weight > 0:
+            raise ValueError("end_to_end_weight needs workers = 1 (its chain calls the model N times per step; DDP "
+                             "allows one forward per backward)")
         return self
