@@ -16,12 +16,13 @@ import copy
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from fewstep_search.atomic import atomic_write_bytes, atomic_write_json
 from fewstep_search.data import digits_split
@@ -71,12 +72,16 @@ def _fixed_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _lr_at(step: int, *, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 5% of `lr`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(steps - warmup, 1)
-    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
+def _warmup_cosine(*, steps: int, warmup: int) -> Callable[[int], float]:
+    """The LR factor of `LambdaLR`: linear warm-up, then cosine decay to 5% of the base LR."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(steps - warmup, 1)
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
 
 
 # --------------------------------------------------------------------------------------------- the denoiser
@@ -97,12 +102,16 @@ def _heldout_loss(model: EDMDenoiser, x0: Tensor, *, repeats: int = 8) -> float:
     return total / repeats
 
 
-@torch.no_grad()
-def _ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-        pe.lerp_(p, 1.0 - beta)
-    for be, b in zip(ema.buffers(), net.buffers(), strict=True):
-        be.copy_(b)
+def _edm_ema(module: nn.Module, *, halflife: int, rampup: float) -> AveragedModel:
+    """`AveragedModel` with EDM's EMA: half-life `halflife` steps, capped at `rampup * step` early on, so the
+    average does not remember the random initialization (its first update copies the weights)."""
+
+    def avg(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        life = max(min(halflife, rampup * (int(num_averaged) + 1)), 1e-8)
+        return averaged.lerp(current, 1.0 - 0.5 ** (1.0 / life))
+
+    ema = AveragedModel(module, avg_fn=avg, use_buffers=True)
+    return ema.eval().requires_grad_(False)
 
 
 def pretrain_digits(
@@ -137,8 +146,9 @@ def pretrain_digits(
         torch.manual_seed(seed)  # initialization and dropout
         gen = torch.Generator().manual_seed(seed)  # batches, sigmas, noise
         model = EDMDenoiser(DigitsUNet(config))
-        ema = copy.deepcopy(model.net).eval().requires_grad_(False)
+        ema = _edm_ema(model.net, halflife=ema_halflife, rampup=ema_rampup)
         opt = torch.optim.Adam(model.net.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps=steps, warmup=warmup))
         t0, c0 = time.perf_counter(), time.process_time()
         perm, pos, running = torch.randperm(x_train.shape[0], generator=gen), 0, float("nan")
         with task_progress("pretrain digits", total=steps, enabled=progress) as tick:
@@ -151,35 +161,33 @@ def pretrain_digits(
                 noise = torch.randn(x0.shape, generator=gen)
                 model.train()
                 loss = model.raw_loss(x0, sigma, noise).mean()
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, steps=steps, lr=lr, warmup=warmup)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                halflife = max(min(ema_halflife, ema_rampup * (step + 1)), 1e-8)
-                _ema_update(ema, model.net, 0.5 ** (1.0 / halflife))
+                sched.step()
+                ema.update_parameters(model.net)
                 value = loss.item()
                 running = value if math.isnan(running) else 0.98 * running + 0.02 * value
                 if not math.isfinite(running):
                     raise RuntimeError(f"training diverged at step {step} (loss {value})")
                 tick()
         train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        shipped = EDMDenoiser(ema)
+        shipped = EDMDenoiser(ema.module)
         # Evaluate the weights as they will be loaded (rounded to the storage dtype), not the float32 copy.
-        rounded = EDMDenoiser(copy.deepcopy(ema))
+        rounded = EDMDenoiser(copy.deepcopy(ema.module))
         with torch.no_grad():
             for p in rounded.parameters():
                 p.copy_(p.to(weights_dtype).float())
         held = _heldout_loss(rounded, split.heldout_x)
         held_fp32 = _heldout_loss(shipped, split.heldout_x)
     weights = out / WEIGHTS_ASSET
-    _save_weights(weights, ema, config.to_dict(), dtype=weights_dtype)
+    _save_weights(weights, ema.module, config.to_dict(), dtype=weights_dtype)
     card = {
         "name": "digits",
         "description": "EDM-preconditioned U-Net denoiser on 8x8 digits (built-in model of fewstep-search)",
         "data": split.describe(),
         "architecture": config.to_dict(),
-        "n_parameters": sum(p.numel() for p in ema.parameters()),
+        "n_parameters": sum(p.numel() for p in ema.module.parameters()),
         "preconditioning": {"kind": "EDM (Karras et al. 2022)", "sigma_data": SIGMA_DATA},
         "sigma_min": SIGMA_MIN,
         "sigma_max": SIGMA_MAX,
@@ -258,8 +266,8 @@ def pretrain_classifier(
         model = DigitsClassifier(config)
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
         total = epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps=total, warmup=steps_per_epoch))
         t0, c0 = time.perf_counter(), time.process_time()
-        step = 0
         with task_progress("pretrain classifier", total=total, enabled=progress) as tick:
             for _ in range(epochs):
                 model.train()
@@ -268,12 +276,10 @@ def pretrain_classifier(
                     idx = perm[i : i + batch_size]
                     x = _shift(split.train_x[idx], gen, max_shift)
                     loss = nn.functional.cross_entropy(model(x), split.train_y[idx])
-                    for g in opt.param_groups:
-                        g["lr"] = _lr_at(step, steps=total, lr=lr, warmup=steps_per_epoch)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    step += 1
+                    sched.step()
                     tick()
         train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         model.eval()

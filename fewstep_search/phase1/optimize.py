@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from fewstep_search.denoiser import CheckedDenoiser, Denoiser, bind_condition, i
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase1.engine import InProcessExecutor, Phase1Result, TrialContext, run_phase1
 from fewstep_search.phase1.portfolio import library_specs
-from fewstep_search.phase1.trials import TrialSpec
+from fewstep_search.phase1.trials import TrialRecord, TrialSpec
 from fewstep_search.schedules import Schedule, check_range
 from fewstep_search.study.search import PruningSpec
 
@@ -77,11 +77,11 @@ def search_schedules(
     n_trajectories: int | None = None,
     grid_size: int = 64,
     bank_seconds: float = 60.0,
-    refine_steps: int = 150,
+    refine_steps: int = 60,
     lr: float = 0.05,
     batch_size: int | None = None,
     pruning: bool = True,
-    progress: bool = False,
+    progress: bool = True,
     bank_options: dict[str, Any] | None = None,
 ) -> tuple[Bank, dict[int, Phase1Result]]:
     """The bank and, per budget, the full Phase-1 result (every trial's fit / select / test errors).
@@ -91,6 +91,7 @@ def search_schedules(
             sized from the model's cost, see `auto_bank_size`), `grid_size`, `seed` and `bank_options`.
         specs: the trials (default: `fewstep_search.phase1.portfolio.library_specs(refine_steps=..., lr=...)`).
         pruning: stop costly trials early by successive halving on the select error.
+        progress: a progress bar for the bank, what size was chosen, and one line per finished trial (stderr).
     """
     budgets = [nfe] if isinstance(nfe, int) else list(nfe)
     if not budgets:
@@ -106,9 +107,7 @@ def search_schedules(
                                                                      .removeprefix("torch.")))
             n_trajectories = size.n_trajectories
             if progress:
-                from rich.console import Console
-
-                Console(stderr=True).print(
+                _stderr().print(
                     f"bank: K = {size.n_trajectories} trajectories, M = {grid_size} grid points "
                     f"(model call {size.seconds_per_call * 1e3:.2f} ms/sample, about {size.predicted_seconds:.0f} s)")
         bank = build_bank(den, shape=tuple(shape), sigma_min=sigma_min, sigma_max=sigma_max,
@@ -127,8 +126,30 @@ def search_schedules(
     for n in budgets:
         results[n] = run_phase1(chosen, bank=bank, model=ModelSource.of(den),
                                 context=TrialContext(nfe=n, batch_size=batch_size, device=str(bank.device)),
-                                executor=executor)
+                                executor=executor, on_record=_trial_printer(n, len(chosen)) if progress else None)
+        if progress:
+            w = results[n].winner
+            _stderr().print(f"NFE {n}: {w.spec.label} wins (select E {w.select_error:.4f}, test E {w.test_error:.4f})")
     return bank, results
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _trial_printer(nfe: int, total: int) -> Callable[[TrialRecord], None]:
+    """One line per finished trial, so a notebook user sees the search move."""
+    console, seen = _stderr(), [0]
+
+    def show(record: TrialRecord) -> None:
+        seen[0] += 1
+        what = (f"select E {record.select_error:.4f}" + (" (stopped early)" if record.stopped_early else "")
+                if record.state == "COMPLETE" else f"FAILED: {record.error}")
+        console.print(f"NFE {nfe} trial {seen[0]}/{total} {record.spec.label}: {what}, {record.seconds:.1f} s")
+
+    return show
 
 
 def optimize_schedule(

@@ -50,7 +50,7 @@ def trial_specs(search: SearchSpec, *, budget: int | None = None,
     return _ordered(specs)
 
 
-def library_specs(*, refine_starts: Sequence[str] = ("vp_time_quadratic",), refine_steps: int = 150,
+def library_specs(*, refine_starts: Sequence[str] = ("vp_time_quadratic",), refine_steps: int = 60,
                   lr: float = 0.05, heuristics: Sequence[str] = DEFAULT_HEURISTICS) -> list[TrialSpec]:
     """The in-process default of `optimize_schedule`: baselines, B_w and B_0 DP, DP -> Adam, Adam from starts.
 
