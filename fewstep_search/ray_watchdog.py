@@ -20,6 +20,8 @@ from pathlib import Path
 __all__ = ["session_processes", "stop_session", "main"]
 
 _POLL_S = 0.5
+_SCAN_EVERY = 20
+"""Polls between scans of /proc for the session's processes (the driver's liveness is checked every poll)."""
 
 
 def _alive(pid: int) -> bool:
@@ -80,12 +82,14 @@ def main(argv: list[str]) -> int:
         print("usage: python -m fewstep_search.ray_watchdog DRIVER_PID SESSION_DIR", file=sys.stderr)
         return 2
     driver, session = int(argv[0]), argv[1]
-    idle = 0
+    polls, idle = 0, 0
     while _alive(driver):
         time.sleep(_POLL_S)
-        idle = idle + 1 if not session_processes(session, exclude=(driver,)) else 0
-        if idle >= 20:  # Ray was shut down normally: nothing left to guard
-            return 0
+        polls += 1
+        if polls % _SCAN_EVERY == 0:  # scanning /proc is the costly part: rarely
+            idle = idle + 1 if not session_processes(session, exclude=(driver,)) else 0
+            if idle >= 3:  # Ray was shut down normally: nothing left to guard
+                return 0
     time.sleep(2.0)  # let Ray's own fate sharing go first
     stop_session(session)
     return 0
