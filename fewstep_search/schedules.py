@@ -37,6 +37,8 @@ __all__ = [
     "vp_time_uniform",
     "vp_time_quadratic",
     "cosine",
+    "flow_uniform",
+    "flow_shift3",
     "SCHEDULE_FAMILIES",
     "DEFAULT_HEURISTICS",
     "make_schedule",
@@ -231,6 +233,27 @@ def cosine(nfe: int, sigma_min: float, sigma_max: float, s: float = 0.008) -> Sc
     return Schedule(sig, name="cosine")
 
 
+def flow_uniform(nfe: int, sigma_min: float, sigma_max: float, shift: float = 1.0) -> Schedule:
+    """What a flow-matching sampler runs by default: uniform in flow time t = sigma / (1 + sigma), then shifted.
+
+    `FlowMatchEulerDiscreteScheduler(shift=s)` spaces t uniformly and applies `s t / (1 + (s - 1) t)`, which is
+    `sigma -> s sigma`; so the unshifted times run between the endpoints divided by s (docs/flow.md).
+    """
+    check_range(nfe, sigma_min, sigma_max)
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a positive number, got {shift}")
+    lo, hi = sigma_min / shift, sigma_max / shift
+    t = np.linspace(hi / (1 + hi), lo / (1 + lo), nfe + 1)
+    sig = shift * t / (1 - t)
+    sig[0], sig[-1] = sigma_max, sigma_min
+    return Schedule(sig, name="flow_uniform" if shift == 1.0 else f"flow_shift{shift:g}")
+
+
+def flow_shift3(nfe: int, sigma_min: float, sigma_max: float) -> Schedule:
+    """The flow default with shift 3 (SD3's default scheduler setting)."""
+    return flow_uniform(nfe, sigma_min, sigma_max, shift=3.0)
+
+
 SCHEDULE_FAMILIES: dict[str, Callable[..., Schedule]] = {
     "edm": karras,
     "log_uniform": log_uniform,
@@ -238,6 +261,8 @@ SCHEDULE_FAMILIES: dict[str, Callable[..., Schedule]] = {
     "vp_time_uniform": vp_time_uniform,
     "vp_time_quadratic": vp_time_quadratic,
     "cosine": cosine,
+    "flow_uniform": flow_uniform,
+    "flow_shift3": flow_shift3,
 }
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "diffusers_model_class",
     "load_flow",
     "load_flow_folder",
+    "mixture_flow",
     "load_flow_factory",
 ]
 
@@ -373,3 +374,23 @@ def load_flow_factory(req: _Request) -> FlowMatchDenoiser:
         shape=tuple(own["shape"]) if own.get("shape") else getattr(fn, "shape", None),
         name=req.factory,
     )
+
+
+def mixture_flow(*, dim: int = 8, seed: int = 0, n_components: int = 6, device: str = "cpu") -> Callable[..., Tensor]:
+    """Factory of an exact flow-matching model: the velocity `v(x_t, t)` of a seeded Gaussian mixture.
+
+    For studies and examples (`kind = "flow"`, `factory = "fewstep_search.models.flow:mixture_flow"`): the exact
+    posterior mean of `fewstep_search.models.mixture.GaussianMixture` at sigma = t / (1 - t), turned into the
+    velocity `v = (x_t - x0_hat) / t` of the rectified-flow convention. The function advertises `shape`.
+    """
+    from fewstep_search.models.mixture import GaussianMixture
+
+    mix = GaussianMixture.random(dim, n_components=n_components, seed=seed)
+
+    def velocity(x_t: Tensor, t: Tensor) -> Tensor:
+        tt = t.to(torch.float64).reshape(-1, *([1] * (x_t.ndim - 1)))
+        x0 = mix(x_t.double() / (1 - tt), (tt / (1 - tt)).flatten())
+        return ((x_t.double() - x0) / tt).to(x_t.dtype)
+
+    velocity.shape = (dim,)  # type: ignore[attr-defined]
+    return velocity
