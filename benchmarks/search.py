@@ -3,8 +3,8 @@
 For each model (the exact mixture `builtin_mixture(64)`; the built-in `digits` model) and budget N, on the bank
 the CLI builds by default for it (digits: K = 128, M = 64, float32; mixture: studies/mixture64.toml's K = 512,
 M = 128, float64), the default portfolio runs through the Ray Tune executor (the CLI's path; Ray started
-once, its start-up reported apart; the cheap trials in the driver first, as the CLI runs them) twice in one run: with early stopping of costly trials (ASHA on the select
-error, the default) and without. Reported:
+once, its start-up reported apart; the cheap trials in the driver first, as the CLI runs them) twice in one
+run: with early stopping of costly trials (ASHA on the select error, the default) and without. Reported:
 * test E of the winner (picked on select E), of each optimizer family's best trial (picked on select E), of the
   best heuristic (picked on select E), and, with `--oracle-steps`, of an oracle: a long direct optimization of E
   (Adam, then L-BFGS-B) from every heuristic start and the B_w-DP schedule, the best of them picked on select;

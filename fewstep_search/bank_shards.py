@@ -43,8 +43,9 @@ from torch import Tensor
 
 from fewstep_search.atomic import atomic_path
 from fewstep_search.bank import Bank, BankMismatchError, BankPlan
-from fewstep_search.bank.build import BankAssembler, ChunkResult, default_chunk, solve_chunk
+from fewstep_search.bank.build import BankAssembler, ChunkResult, solve_chunk
 from fewstep_search.bank.container import check_meta
+from fewstep_search.bank.memory import default_chunk
 from fewstep_search.denoiser import CheckedDenoiser, Denoiser
 from fewstep_search.models.source import ModelSource
 from fewstep_search.progress import task_progress

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewstep_search.bank import BankMismatchError, BankPlan, build_bank, estimate_bank_bytes, load_bank
-from fewstep_search.bank.build import refuse_if_too_big
+from fewstep_search.bank.memory import refuse_if_too_big
 from fewstep_search.denoiser import ModelOutputError
 from fewstep_search.solvers import get_solver
 
@@ -128,7 +128,7 @@ def test_a_bank_too_big_for_the_machine_is_refused_before_any_work() -> None:
 
 def test_the_default_chunk_bounds_a_large_models_working_set() -> None:
     """d = 16384, K = 1024, M = 256: a chunk of 64 would hold 4 GiB of states; the default stays under 512 MiB."""
-    from fewstep_search.bank.build import chunk_bytes, default_chunk
+    from fewstep_search.bank.memory import chunk_bytes, default_chunk
 
     big = BankPlan(shape=(4, 64, 64), sigma_min=0.002, sigma_max=80.0, n_trajectories=1024, grid_size=256,
                    dtype="float32", project_dim=256, store_float16=True, keep_states=False)

@@ -164,9 +164,9 @@ def test_an_out_dir_of_another_round_is_refused(teacher, tiny_bank, sched, tmp_p
 @pytest.mark.parametrize("extra", [
     {"teacher_forced_fraction": 0.5},
     {"end_to_end_weight": 0.5, "teacher_solver": "rk4_exp"},
-    {"pool_size": None, "cache_first_target": False},
+    {"pool_size": None, "cache_first_target": False, "target_reuse": 1, "teacher_solver": "rk4"},
     {"dropout": True},
-    {"target_reuse": 2},
+    {"target_reuse": 1},
 ])
 def test_loss_variants_train(teacher, tiny_bank, sched, tmp_path, extra) -> None:
     res = _run(teacher, tiny_bank, sched, tmp_path, **extra)
@@ -181,12 +181,12 @@ def test_loss_variants_train(teacher, tiny_bank, sched, tmp_path, extra) -> None
 
 def test_cached_first_targets_save_teacher_calls(teacher, tiny_bank, sched, tmp_path) -> None:
     # the pool (32) is drawn 3 times over 6 steps of 16: the first interval is solved once per sample
-    cached = _run(teacher, tiny_bank, sched, tmp_path / "a", max_steps=6)
-    plain = _run(teacher, tiny_bank, sched, tmp_path / "b", max_steps=6, cache_first_target=False)
+    cached = _run(teacher, tiny_bank, sched, tmp_path / "a", max_steps=6, target_reuse=1)
+    plain = _run(teacher, tiny_bank, sched, tmp_path / "b", max_steps=6, cache_first_target=False, target_reuse=1)
     from fewstep_search.phase2.targets import calls_for
 
     s = sched.sigmas
-    first = calls_for(s[0], s[1], max_log_step=0.25)  # first_max_log_step
+    first = calls_for(s[0], s[1], max_log_step=0.25, solver="auto")  # first_max_log_step
     assert plain.teacher_calls - cached.teacher_calls == first * (6 * 16 - 32)
 
 

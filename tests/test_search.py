@@ -50,7 +50,8 @@ def _study(**search: Any) -> StudyConfig:
         "rounds": 0,
         "model": {"kind": "mixture", "options": {"dim": 8}},
         "bank": {"n_trajectories": 24, "grid_size": 24, "substeps": 1, "probes": 1},
-        "search": {"workers": 2, "heuristics": ["edm", "vp_time_quadratic"], "trials": SMALL_TRIALS, **search},
+        "search": {"workers": 2, "heuristics": ["edm", "vp_time_quadratic"], "solvers": ["ddim"],
+                   "trials": SMALL_TRIALS, **search},
     })
 
 
@@ -165,7 +166,7 @@ def test_search_and_run_commands_write_the_best_schedule(ray_cluster: None, tmp_
     study.write_text(
         'nfe = 5\nrounds = 0\n[model]\nkind = "mixture"\noptions = { dim = 8 }\n'
         "[bank]\nn_trajectories = 16\ngrid_size = 16\nsubsteps = 1\nprobes = 1\n"
-        '[search]\nheuristics = ["edm", "log_uniform"]\n'
+        '[search]\nheuristics = ["edm", "log_uniform"]\nsolvers = ["ddim"]\n'
         '[[search.trials]]\noptimizer = "dp"\nparameterization = "grid"\n'
     )
     out = tmp_path / "run"

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fewstep_search.bank.container import SPLIT_NAMES, Bank
+from fewstep_search.bank.memory import default_chunk, refuse_if_too_big
 from fewstep_search.denoiser import CheckedDenoiser, Denoiser, bind_condition, is_conditional
 from fewstep_search.progress import task_progress
 from fewstep_search.schedules import check_range
@@ -31,20 +32,14 @@ __all__ = [
     "BankPlan",
     "ChunkResult",
     "assemble",
-    "chunk_bytes",
-    "default_chunk",
     "build_bank",
-    "estimate_bank_bytes",
     "log_grid",
-    "refuse_if_too_big",
     "solve_chunk",
 ]
 
 _STREAM_START, _STREAM_PROBE, _STREAM_SPLIT, _STREAM_PROJECTION = 1, 2, 3, 4
 _STATES_IN_MEMORY_BYTES = 256 * 2**20
 """Default `keep_states`: keep the trajectory states when they take at most this much memory."""
-_CHUNK_BYTES = 512 * 2**20
-"""Default chunk size: at most this much working memory per chunk (its full-size states dominate)."""
 
 
 def log_grid(sigma_min: float, sigma_max: float, size: int) -> Tensor:
@@ -87,7 +82,8 @@ class BankPlan:
         check_range(1, self.sigma_min, self.sigma_max)
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if self.n_trajectories < 3:
-            raise ValueError(f"n_trajectories must be >= 3 (a fit, a select and a test part), got {self.n_trajectories}")
+            raise ValueError(
+                f"n_trajectories must be >= 3 (a fit, a select and a test part), got {self.n_trajectories}")
         for name in ("select_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
@@ -171,60 +167,6 @@ class BankPlan:
         d.pop("keep_states")
         d["split_sizes"] = self.split_sizes()
         return d
-
-
-def estimate_bank_bytes(plan: BankPlan, *, chunk: int) -> dict[str, int]:
-    """Predicted memory of a build, by part: what is kept for all K trajectories and one chunk's working set."""
-    k, m, d, r = plan.n_trajectories, plan.grid_size, plan.dim, plan.stored_dim
-    item = 4 if plan.dtype == "float32" else 8
-    kept = 2 * k * d * item + k * m * r * (2 if plan.store_float16 else item) + k * m * 8
-    if plan.keep_states:
-        kept += k * m * d * item
-    projection = d * r * 4 if r < d else 0
-    return {"kept": kept, "projection": projection, "chunk": chunk_bytes(plan, chunk),
-            "total": kept + projection + chunk_bytes(plan, chunk)}
-
-
-def chunk_bytes(plan: BankPlan, chunk: int) -> int:
-    """One chunk's working set: its states on the grid, its reduced outputs, and the gain sweep (probes, RK4)."""
-    m, d, r = plan.grid_size, plan.dim, plan.stored_dim
-    item = 4 if plan.dtype == "float32" else 8
-    return chunk * m * d * item + chunk * m * r * 8 + chunk * plan.probes * d * item * 12
-
-
-def default_chunk(plan: BankPlan, *, budget: int = _CHUNK_BYTES) -> int:
-    """Trajectories per chunk: min(K, 64), fewer when one chunk's working set would exceed `budget` bytes."""
-    chunk = min(plan.n_trajectories, 64)
-    while chunk > 1 and chunk_bytes(plan, chunk) > budget:
-        chunk //= 2
-    return chunk
-
-
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def refuse_if_too_big(plan: BankPlan, *, chunk: int, available: int | None = None) -> None:
-    """MemoryError before any work when the predicted peak exceeds the memory this machine has available."""
-    avail = _available_bytes() if available is None else available
-    need = estimate_bank_bytes(plan, chunk=chunk)
-    if avail is None or need["total"] <= avail:
-        return
-    gib = 2.0**30
-    raise MemoryError(
-        f"this bank needs about {need['total'] / gib:.1f} GiB (K={plan.n_trajectories}, M={plan.grid_size}, "
-        f"d={plan.dim}, r={plan.stored_dim}, states {'kept' if plan.keep_states else 'dropped'}) but "
-        f"{avail / gib:.1f} GiB are available; lower n_trajectories or grid_size, set project_dim / "
-        "store_float16, keep_states = false, or a smaller batch_size"
-    )
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ class Phase2Spec(Strict):
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay (0: stay near teacher)")
     ema_decay: float = Field(default=0.99, ge=0, lt=1, description="EMA decay (ramped up over the first updates)")
     grad_clip: float = Field(default=1.0, gt=0)
-    max_log_step: float = Field(default=0.25, gt=0, description="teacher RK4 sub-step bound in log sigma")
+    max_log_step: float = Field(default=0.5, gt=0, description="teacher RK4 sub-step bound in log sigma")
     first_max_log_step: float = Field(
         default=0.25, gt=0, description="sub-step bound of the first interval (cached per pool sample: cheap)"
     )
     teacher_solver: Literal["rk4", "rk4_exp", "auto"] = Field(
-        default="rk4", description="rk4: RK4 in log sigma; rk4_exp: on the exponential-integrator form; auto: "
+        default="auto", description="rk4: RK4 in log sigma; rk4_exp: on the exponential-integrator form; auto: "
         "rk4_exp above sigma 1, rk4 below"
     )
     pool_size: int | None = Field(
@@ -43,7 +43,7 @@ class Phase2Spec(Strict):
     )
     cache_first_target: bool = Field(default=True, description="reuse the first interval's target per pool sample")
     target_reuse: int = Field(
-        default=1, ge=1, description="passes over the pool a sample's student-state targets serve before a refresh"
+        default=4, ge=1, description="passes over the pool a sample's student-state targets serve before a refresh"
     )
     teacher_forced_fraction: float = Field(
         default=0.0, ge=0, le=1, description="share of the budget trained on the teacher's own trajectory first"
