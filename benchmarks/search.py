@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _banks import MODELS, cached_bank
 
-from fewstep_search.bank import Bank, BankMismatchError, build_bank, load_bank
-from fewstep_search.models.source import ModelSource
+from fewstep_search.bank import Bank
 from fewstep_search.phase1.chains import Chain, DPThenAdam, Stage
 from fewstep_search.phase1.engine import Phase1Result, TieredExecutor, TrialContext, run_phase1
 from fewstep_search.phase1.optimizers import LBFGSB, Adam
@@ -45,30 +45,7 @@ from fewstep_search.ray_runtime import ray_session
 from fewstep_search.schedules import DEFAULT_HEURISTICS, make_schedule
 from fewstep_search.study import PruningSpec, SearchSpec
 
-MODELS: dict[str, dict[str, Any]] = {
-    "digits": {"source": ModelSource(kind="digits"), "bank": {"n_trajectories": 128, "grid_size": 64,
-                                                              "dtype": torch.float32, "probes": 1}},
-    "mixture": {"source": ModelSource(kind="mixture", options={"dim": 64}),
-                "bank": {"n_trajectories": 512, "grid_size": 128, "dtype": torch.float64, "probes": 2}},
-}
 FAMILIES = ("dp", "lbfgsb", "dp_adam", "adam", "trust_constr", "tpe", "cmaes")
-
-
-def _bank(kind: str, den: Any, cache: Path) -> Bank:
-    opts = MODELS[kind]["bank"]
-    path = cache / f"{kind}_K{opts['n_trajectories']}_M{opts['grid_size']}.safetensors"
-    expect = {"model_id": kind, "n_trajectories": opts["n_trajectories"], "grid_size": opts["grid_size"]}
-    if path.exists():
-        try:
-            return load_bank(path, expect=expect)
-        except (BankMismatchError, ValueError):
-            pass
-    t = time.perf_counter()
-    bank = build_bank(den, shape=tuple(den.shape), sigma_min=den.sigma_min, sigma_max=den.sigma_max,
-                      model_id=kind, progress=True, **opts)
-    print(f"[{kind}] bank built in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    bank.save(path)
-    return bank
 
 
 def _oracle(den: Any, bank: Bank, nfe: int, steps: int) -> float:
@@ -93,7 +70,8 @@ def _search(bank: Bank, kind: str, nfe: int, workers: int, pruning: bool) -> tup
     executor = TieredExecutor(costly=RayTuneExecutor(workers=workers, pruning=spec.pruning,
                                                      name=f"bench_{kind}_{nfe}_{pruning}"))
     t = time.perf_counter()
-    result = run_phase1(specs, bank=bank, model=MODELS[kind]["source"], context=TrialContext(nfe=nfe),
+    result = run_phase1(specs, bank=bank, model=MODELS[kind]["source"],
+                        context=TrialContext(nfe=nfe, fit_trajectories=spec.fit_trajectories),
                         executor=executor)
     return result, time.perf_counter() - t
 
@@ -111,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["digits"], choices=list(MODELS))
     ap.add_argument("--budgets", nargs="+", type=int, default=[10])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--pruning", choices=("on", "off", "both"), default="both",
+                    help="early stopping of costly trials: with, without, or both runs")
     ap.add_argument("--oracle-steps", type=int, default=0, help="Adam steps per oracle start (0: no oracle)")
     ap.add_argument("--cache", type=Path, default=Path("runs/benchmark_banks"), help="where banks are kept")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
@@ -127,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         ray_start = time.perf_counter() - t
         for kind in args.models:
             den = MODELS[kind]["source"].load()
-            bank = _bank(kind, den, args.cache)
+            bank = cached_bank(kind, den, args.cache)
             for n in args.budgets:
                 oracle = _oracle(den, bank, n, args.oracle_steps) if args.oracle_steps else math.nan
-                for pruning in (True, False):
+                for pruning in {"on": (True,), "off": (False,), "both": (True, False)}[args.pruning]:
                     result, seconds = _search(bank, kind, n, args.workers, pruning)
                     fam = by_family(result.records)
                     heur, win = result.best_heuristic, result.winner

@@ -190,6 +190,7 @@ class _Run:
                 show(rec)
             result = run_phase1(self.specs, bank=bank, model=model,
                                 context=TrialContext(nfe=self.config.nfe, batch_size=self.config.bank.batch_size,
+                                                     fit_trajectories=self.config.search.fit_trajectories,
                                                      device=self.config.device,
                                                      extra_optimizers=self.options.extra_optimizers),
                                 executor=self.executor(r), previous=previous, on_record=on_record,

@@ -16,6 +16,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from fewstep_search.phase1.select import best_heuristic
@@ -44,7 +45,7 @@ def trials_table(records: Sequence[TrialRecord], *, title: str, winner: TrialRec
         s = r.spec
         name = "heuristic" if s.is_baseline else f"{s.optimizer} {s.objective} {s.parameterization}"
         if s.solver != "ddim":
-            name += f" [{s.solver}]"
+            name += escape(f" [{s.solver}]")  # unescaped, rich reads [..] as a style tag and drops it
         if r.state == "COMPLETE":
             m = r.metrics
             ratio = m["test_error"] / ref_e if math.isfinite(ref_e) else math.nan
@@ -56,7 +57,7 @@ def trials_table(records: Sequence[TrialRecord], *, title: str, winner: TrialRec
                 name, style = f"* {name}", "bold green"
         else:
             cells, style = ["FAIL", f"{r.attempts} tries", "", "", ""], "red"
-            name = f"{name}: {(r.error or 'failed')[:_MAX_ERROR_CHARS]}"
+            name = f"{name}: {escape((r.error or 'failed')[:_MAX_ERROR_CHARS])}"
         table.add_row(name, s.start, *cells, style=style)
     return table
 
@@ -84,7 +85,7 @@ def results_table(results: Mapping[str, Any]) -> Table:
     for label, row, rnd in rows:
         ratio = row["test_error"] / ref if ref else None
         style = "bold green" if rnd == best_round else None
-        table.add_row(label, str(row.get("name", "")), _fmt(row["test_error"]), _fmt(ratio, ".3f"),
+        table.add_row(label, escape(str(row.get("name", ""))), _fmt(row["test_error"]), _fmt(ratio, ".3f"),
                       _fmt(row.get("fd"), ".2f"), style=style)
     return table
 
@@ -98,10 +99,10 @@ class ConsoleReporter:
         self.searches: list[list[TrialRecord]] = []
 
     def note(self, line: str) -> None:
-        self.console.print(f"[yellow]note:[/yellow] {line}")
+        self.console.print(f"[yellow]note:[/yellow] {escape(line)}")
 
     def phase(self, line: str) -> None:
-        self.console.print(f"[bold]{line}[/bold]")
+        self.console.print(f"[bold]{escape(line)}[/bold]")
 
     @contextlib.contextmanager
     def search(self, *, title: str, total: int) -> Iterator[Callable[[TrialRecord], None]]:

@@ -209,6 +209,32 @@ def test_run_trial_scores_the_three_sets(tiny_bank: Bank) -> None:
     assert TrialRecord.from_report(json.loads(json.dumps(rec.to_report()))).spec == rec.spec
 
 
+def test_fit_trajectories_caps_what_the_true_error_objective_solves(tiny_bank: Bank) -> None:
+    inner = builtin_mixture(dim=8)
+    batches: list[int] = []
+
+    def counting(x: Any, sigma: Any) -> Any:
+        batches.append(x.shape[0])
+        return inner(x, sigma)
+
+    counting.shape, counting.sigma_min, counting.sigma_max = inner.shape, inner.sigma_min, inner.sigma_max  # type: ignore
+    spec = TrialSpec(optimizer="adam", objective="direct", start="edm", hyper={"steps": 4})
+    capped = run_trial(spec, bank=tiny_bank, denoiser=counting, nfe=NFE, fit_trajectories=5)
+    n_fit = tiny_bank.fit().n_trajectories
+    during = batches[: 4 * NFE]  # the optimizer's evaluations come first, then the three sets are scored
+    assert set(during) == {5} and n_fit > 5
+    full = run_trial(spec, bank=tiny_bank, denoiser=inner, nfe=NFE)
+    assert capped.metrics["fit_error"] != full.metrics["fit_error"]  # the optimum moved: it saw other data
+    again = score_schedule(inner, tiny_bank, capped.schedule)  # type: ignore[arg-type]
+    assert capped.metrics["fit_error"] == pytest.approx(again["fit_error"], rel=1e-12)  # reported on all of fit
+
+
+def test_small_states_reach_the_trials_large_ones_do_not(tiny_bank: Bank) -> None:
+    assert tiny_bank.states is not None
+    assert tiny_bank.for_trials().states is not None
+    assert tiny_bank.for_trials(max_state_bytes=0).states is None
+
+
 def test_a_heun_trial_spends_the_budget_in_half_the_steps(tiny_bank: Bank) -> None:
     rec = run_trial(TrialSpec(optimizer="none", objective="direct", start="edm", solver="heun"), bank=tiny_bank,
                     denoiser=builtin_mixture(dim=8), nfe=4)

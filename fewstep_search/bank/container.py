@@ -136,6 +136,13 @@ class Bank:
         """Without the trajectory states (what Phase-1 trials need: half the bytes or less)."""
         return dataclasses.replace(self, states=None)
 
+    def for_trials(self, *, max_state_bytes: int = 64 * 2**20) -> Bank:
+        """What Phase-1 trials get: the states kept while small (GITS reads them instead of re-solving the
+        teacher), dropped above `max_state_bytes` (they would dominate what is shipped to every worker)."""
+        if self.states is None or self.states.numel() * self.states.element_size() <= max_state_bytes:
+            return self
+        return self.lean()
+
     def to(self, device: torch.device | str) -> Bank:
         """Every tensor on `device` (the GPU path moves the bank once, not per evaluation)."""
         moved = {

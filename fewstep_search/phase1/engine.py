@@ -39,6 +39,8 @@ class TrialContext:
 
     nfe: int
     batch_size: int | None = None
+    fit_trajectories: int | None = None
+    """The true-error objective solves this many fit trajectories per evaluation (None: all of them)."""
     device: str = "cpu"
     extra_optimizers: Mapping[str, OptimizerFactory] = field(default_factory=dict)
 
@@ -85,7 +87,7 @@ class InProcessExecutor:
     def run(self, specs: Sequence[TrialSpec], *, bank: Bank, model: ModelSource, context: TrialContext,
             on_record: OnRecord) -> None:
         den = model.load()
-        dev_bank = bank.lean().to(context.device)
+        dev_bank = bank.for_trials().to(context.device)
         study = self._study() if self.pruning is not None and self.pruning.enabled else None
         with frozen_weights(den):
             for spec in specs:
@@ -102,6 +104,7 @@ class InProcessExecutor:
         for attempt in range(1, self.max_failures + 2):
             try:
                 rec = run_trial(spec, bank=bank, denoiser=den, nfe=context.nfe, batch_size=context.batch_size,
+                                fit_trajectories=context.fit_trajectories,
                                 extra_optimizers=context.extra_optimizers, progress=progress,
                                 report_every=self.pruning.report_every if self.pruning else 10)
                 return TrialRecord(spec=rec.spec, state=rec.state, metrics=rec.metrics, schedule=rec.schedule,

@@ -56,7 +56,7 @@ def _direct(problem: Problem, sigmas: Tensor) -> Tensor:
     if problem.denoiser is None:
         raise ValueError("the 'direct' objective needs a denoiser")
     return true_error(
-        problem.denoiser, problem.fit, sigmas, solver=problem.solver, batch_size=problem.batch_size
+        problem.denoiser, problem.direct_fit, sigmas, solver=problem.solver, batch_size=problem.batch_size
     )
 
 
@@ -81,6 +81,8 @@ class Problem:
         objective: a name in `OBJECTIVES`.
         parameterization: the coordinates (built for the same nfe and the bank's sigma range).
         fit: the bank's fit trajectories (never the select or test ones).
+        direct_fit: the trajectories the true-error objective solves (default `fit`; a subset of it makes each
+            evaluation cheaper: the bounds and the peers still see all of `fit`).
         denoiser: needed by `direct`.
         solver, batch_size: how `direct` solves (see `fewstep_search.objectives.true_error`).
         seed: for optimizers with randomness (samplers).
@@ -92,6 +94,7 @@ class Problem:
         objective: str,
         parameterization: Parameterization,
         fit: Bank,
+        direct_fit: Bank | None = None,
         denoiser: Denoiser | None = None,
         solver: str = "ddim",
         batch_size: int | None = None,
@@ -113,6 +116,7 @@ class Problem:
             )
         self.parameterization = parameterization
         self.fit, self.denoiser = fit, denoiser
+        self.direct_fit = fit if direct_fit is None else direct_fit
         self.solver, self.batch_size, self.seed = solver, batch_size, int(seed)
         if monitor_every < 1:
             raise ValueError(f"monitor_every must be >= 1, got {monitor_every}")
@@ -134,6 +138,7 @@ class Problem:
             objective=objective or self.objective.name,
             parameterization=parameterization or self.parameterization,
             fit=self.fit,
+            direct_fit=self.direct_fit,
             denoiser=self.denoiser,
             solver=self.solver,
             batch_size=self.batch_size,

@@ -55,7 +55,8 @@ def _trainable(config: dict[str, Any], *, bank: Bank, model: ModelSource, contex
     with frozen_weights(den):
         record = run_trial(
             TrialSpec.from_dict(config["trial"]), bank=dev_bank, denoiser=den, nfe=context["nfe"],
-            batch_size=context["batch_size"], extra_optimizers=context["extra_optimizers"],
+            batch_size=context["batch_size"], fit_trajectories=context["fit_trajectories"],
+            extra_optimizers=context["extra_optimizers"],
             progress=progress if context["pruning"] else None, report_every=context["report_every"],
         )
     tune.report({**dict(record.metrics), "record": json.dumps(record.to_report()), _FINAL: 1})
@@ -146,12 +147,13 @@ class RayTuneExecutor:
             spec.validate(budget=context.nfe, extra_optimizers=context.extra_optimizers)
         pruning = self.pruning is not None and self.pruning.enabled
         ctx = {"nfe": context.nfe, "batch_size": context.batch_size, "device": context.device,
+               "fit_trajectories": context.fit_trajectories,
                "threads": max(1, int(self.cpus_per_trial)), "extra_optimizers": dict(context.extra_optimizers),
                "pruning": pruning, "report_every": self.pruning.report_every if self.pruning else 10}
         resources = trial_resources(context.device, cpus=self.cpus_per_trial, gpus=self.gpus_per_trial)
         with ray_session(workers=self.workers, address=self.address):
             trainable = tune.with_resources(
-                tune.with_parameters(_trainable, bank=bank.lean(), model=model.on(context.device), context=ctx),
+                tune.with_parameters(_trainable, bank=bank.for_trials(), model=model.on(context.device), context=ctx),
                 resources,
             )
             tuner = tune.Tuner(

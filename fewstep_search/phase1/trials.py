@@ -284,6 +284,7 @@ def run_trial(
     denoiser: Denoiser,
     nfe: int,
     batch_size: int | None = None,
+    fit_trajectories: int | None = None,
     extra_optimizers: Mapping[str, OptimizerFactory] | None = None,
     progress: Progress | None = None,
     report_every: int = 10,
@@ -293,7 +294,9 @@ def run_trial(
     `nfe` is the budget; the schedule has `spec.steps_for(nfe)` steps. `progress`, when given, is called every
     `report_every` objective evaluations with the report of the best schedule so far (scored on select and
     test); when it returns False the trial stops early and returns that schedule. Exceptions propagate (the
-    engine records them as FAIL after its retries).
+    engine records them as FAIL after its retries). `fit_trajectories`: the true-error objective solves only the
+    first that many fit trajectories per evaluation (a fixed random subset: the split is random), the cost of a
+    costly trial divided by K_fit / fit_trajectories; the select set still decides and the full fit E is reported.
     """
     spec.validate(budget=nfe, extra_optimizers=extra_optimizers)
     steps = spec.steps_for(nfe)
@@ -318,8 +321,11 @@ def run_trial(
         if not progress(reports, record.to_report()):
             raise StopTrial
 
-    problem = Problem(objective=spec.objective, parameterization=param, fit=bank.fit(), denoiser=denoiser,
-                      solver=spec.solver, batch_size=batch_size, seed=spec.seed,
+    fit = bank.fit()
+    direct_fit = fit if fit_trajectories is None or fit_trajectories >= fit.n_trajectories else fit.subset(
+        torch.arange(fit_trajectories))
+    problem = Problem(objective=spec.objective, parameterization=param, fit=fit, direct_fit=direct_fit,
+                      denoiser=denoiser, solver=spec.solver, batch_size=batch_size, seed=spec.seed,
                       monitor=monitor if (progress is not None and spec.is_costly) else None,
                       monitor_every=report_every)
     optimizer = make_optimizer(spec.optimizer, extra=dict(extra_optimizers or {}), **spec.hyper)

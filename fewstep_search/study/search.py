@@ -113,6 +113,9 @@ class SearchSpec(Strict):
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.25, gt=0, le=1, description="GPU share per trial when device = cuda")
     tie_tolerance: float = Field(default=1e-3, ge=0, description="relative select E difference counted as a tie")
+    fit_trajectories: int | None = Field(
+        default=16, ge=1, description="fit trajectories the true-error objective solves per evaluation (a fixed "
+        "subset; None: all): the cost of costly trials scales with it; the select set still picks the winner")
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     heuristics: list[str] = Field(default_factory=lambda: list(DEFAULT_HEURISTICS))
     solvers: list[str] = Field(default_factory=lambda: ["ddim", "dpmpp_2m", "ipndm"], min_length=1,
