@@ -39,6 +39,7 @@ from _banks import MODELS, cached_bank
 
 from fewstep_search.atomic import atomic_path, atomic_write_json, atomic_write_text
 from fewstep_search.bank import Bank
+from fewstep_search.phase1.budget import auto_fit_trajectories
 from fewstep_search.phase1.engine import InProcessExecutor, TieredExecutor, TrialContext, run_phase1
 from fewstep_search.phase1.portfolio import trial_specs
 from fewstep_search.phase1.trials import TrialRecord, TrialSpec, score_schedule
@@ -58,9 +59,9 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 def peer_specs() -> list[TrialSpec]:
     """Each peer with the solvers its paper uses (its own objective; `direct` only scores the result)."""
-    def spec(opt: str, solver: str = "ddim", **hyper: Any) -> TrialSpec:
-        return TrialSpec(optimizer=opt, objective="direct", parameterization="logits", start="edm", solver=solver,
-                         hyper=hyper)
+    def spec(opt: str, trial_solver: str = "ddim", **hyper: Any) -> TrialSpec:
+        return TrialSpec(optimizer=opt, objective="direct", parameterization="logits", start="edm",
+                         solver=trial_solver, hyper=hyper)
     return [
         spec("gits"), spec("gits", "ipndm"),
         spec("dm_nonuniform", "ipndm"),                                    # its native 3rd-order Lagrange form
@@ -108,9 +109,12 @@ def phase1_rows(kind: str, bank: Bank, nfe: int) -> tuple[dict[str, Any], dict[s
     for s in peers:
         s.validate(budget=nfe)
     records: list[TrialRecord] = []
-    for specs, pruning in ((ours, PruningSpec()), (peers, PruningSpec(enabled=False))):
+    search = SearchSpec()
+    n_fit = auto_fit_trajectories(source.load(), bank.fit(), nfe, seconds_per_evaluation=search.seconds_per_evaluation)
+    # ours as the CLI runs it (early stopping, the auto fit subset); the peers to completion on the whole fit set
+    for specs, pruning, fit_n in ((ours, search.pruning, n_fit), (peers, PruningSpec(enabled=False), None)):
         executor = TieredExecutor(costly=InProcessExecutor(pruning=pruning))
-        records += run_phase1(specs, bank=bank, model=source, context=TrialContext(nfe=nfe),
+        records += run_phase1(specs, bank=bank, model=source, context=TrialContext(nfe=nfe, fit_trajectories=fit_n),
                               executor=executor).records
     seconds: dict[str, float] = {}
     for r in records:

@@ -32,6 +32,7 @@ import torch
 from _banks import MODELS, cached_bank
 
 from fewstep_search.bank import Bank
+from fewstep_search.phase1.budget import auto_fit_trajectories
 from fewstep_search.phase1.chains import Chain, DPThenAdam, Stage
 from fewstep_search.phase1.engine import Phase1Result, TieredExecutor, TrialContext, run_phase1
 from fewstep_search.phase1.optimizers import LBFGSB, Adam
@@ -71,7 +72,9 @@ def _search(bank: Bank, kind: str, nfe: int, workers: int, pruning: bool) -> tup
                                                      name=f"bench_{kind}_{nfe}_{pruning}"))
     t = time.perf_counter()
     result = run_phase1(specs, bank=bank, model=MODELS[kind]["source"],
-                        context=TrialContext(nfe=nfe, fit_trajectories=spec.fit_trajectories),
+                        context=TrialContext(nfe=nfe, fit_trajectories=auto_fit_trajectories(
+                            MODELS[kind]["source"].load(), bank.fit(), nfe,
+                            seconds_per_evaluation=spec.seconds_per_evaluation)),
                         executor=executor)
     return result, time.perf_counter() - t
 

@@ -123,6 +123,7 @@ class _Run:
         self.config, self.rundir, self.options, self.reporter = config, rundir, options, reporter
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
+        self._fit_n: int | None = None
         resolve_device(config.device)
         self.teacher_source = model_source(config, study_path=options.study_path)
         self.teacher = self.teacher_source.load(cache=False)  # a model that does not load writes nothing
@@ -167,6 +168,24 @@ class _Run:
                               pruning=s.pruning, storage_path=self.rundir.path / "tune", name=f"round_{r}")
         return TieredExecutor(costly=ray, cheap=InProcessExecutor(max_failures=s.max_failures))
 
+    def fit_trajectories(self, bank: Bank) -> int | None:
+        """The search's `fit_trajectories`, 'auto' measured once per run (on the teacher) and said in one line."""
+        s = self.config.search
+        if s.fit_trajectories != "auto":
+            return s.fit_trajectories
+        if self._fit_n is None:
+            from fewstep_search.phase1.budget import auto_fit_trajectories
+
+            fit = bank.fit().to(self.config.device)
+            self._fit_n = auto_fit_trajectories(self.teacher, fit, self.config.nfe,
+                                                seconds_per_evaluation=s.seconds_per_evaluation,
+                                                batch_size=self.config.bank.batch_size)
+            if self._fit_n < fit.n_trajectories:
+                self.note(f"costly trials solve {self._fit_n} of the {fit.n_trajectories} fit trajectories per "
+                          f"evaluation (search.fit_trajectories = 'auto': about {s.seconds_per_evaluation:g} s "
+                          "each); the select set picks, the full fit E is reported")
+        return self._fit_n
+
     def phase1(self, r: int, bank: Bank, model: ModelSource) -> dict[str, Any]:
         """Round r's search (or its finished result read back)."""
         done = self.rundir.phase1_result(r)
@@ -190,7 +209,8 @@ class _Run:
                 show(rec)
             result = run_phase1(self.specs, bank=bank, model=model,
                                 context=TrialContext(nfe=self.config.nfe, batch_size=self.config.bank.batch_size,
-                                                     fit_trajectories=self.config.search.fit_trajectories,
+                                                     fit_trajectories=self.fit_trajectories(bank),
+                                                     trial_seconds=self.config.search.trial_seconds,
                                                      device=self.config.device,
                                                      extra_optimizers=self.options.extra_optimizers),
                                 executor=self.executor(r), previous=previous, on_record=on_record,

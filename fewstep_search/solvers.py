@@ -78,7 +78,7 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = 
         d = _denoise(denoiser, x, s, i, callback)
         slope = (x - d) / s.to(x.dtype)
         x_euler = x + ds * slope
-        if float(s_next) == 0.0:
+        if float(s_next.detach()) == 0.0:
             x = x_euler
             continue
         d2 = _denoise(denoiser, x_euler, s_next, i, callback)
@@ -95,7 +95,7 @@ def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callbac
     for i in range(sigmas.numel() - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = _denoise(denoiser, x, s, i, callback)
-        if float(s_next) == 0.0:
+        if float(s_next.detach()) == 0.0:
             x = d
             break
         h = torch.log(s) - torch.log(s_next)
@@ -170,7 +170,7 @@ def reference(
         raise ValueError(f"substeps must be >= 1, got {substeps}")
     for i in range(sigmas.numel() - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        if float(s_next) == 0.0:
+        if float(s_next.detach()) == 0.0:
             x = _denoise(denoiser, x, s, i, callback)
             break
         x = rk4_interval(denoiser, x, s, s_next, substeps=substeps, callback=callback, i=i)
@@ -223,7 +223,7 @@ def ipndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback =
     for i in range(sigmas.numel() - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = _denoise(denoiser, x, s, i, callback)
-        if float(s_next) == 0.0:
+        if float(s_next.detach()) == 0.0:
             return d
         history.insert(0, (x - d) / s.to(x.dtype))
         del history[len(_AB_COEFFS):]

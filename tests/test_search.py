@@ -229,6 +229,29 @@ def test_fit_trajectories_caps_what_the_true_error_objective_solves(tiny_bank: B
     assert capped.metrics["fit_error"] == pytest.approx(again["fit_error"], rel=1e-12)  # reported on all of fit
 
 
+def test_start_best_refines_the_best_cheap_trial_picked_on_select(tiny_bank: Bank) -> None:
+    specs = [*baseline_specs(["edm", "log_uniform", "vp_time_quadratic"]),
+             TrialSpec(optimizer="dp", objective="bw", parameterization="grid"),
+             TrialSpec(optimizer="lbfgsb", objective="direct", start="best", hyper={"maxiter": 3})]
+    result = run_phase1(specs, bank=tiny_bank, model=ModelSource.of(builtin_mixture(dim=8)),
+                        context=TrialContext(nfe=NFE), executor=InProcessExecutor())
+    cheap = [r for r in result.records if not r.spec.is_costly]
+    best_cheap = min(cheap, key=lambda r: r.select_error)
+    polish = next(r for r in result.records if r.spec.start == "best")
+    assert polish.metrics["start_objective"] == pytest.approx(best_cheap.metrics["fit_error"], rel=1e-9)
+    assert polish.metrics["fit_error"] <= best_cheap.metrics["fit_error"] + 1e-12
+    with pytest.raises(ValueError, match="must be a costly"):
+        TrialSpec(optimizer="dp", objective="bw", parameterization="grid", start="best").validate()
+
+
+def test_a_costly_trial_ends_at_its_time_budget_with_its_best_schedule(tiny_bank: Bank) -> None:
+    spec = TrialSpec(optimizer="adam", objective="direct", start="edm", hyper={"steps": 500})
+    rec = run_trial(spec, bank=tiny_bank, denoiser=builtin_mixture(dim=8), nfe=NFE, trial_seconds=1e-9)
+    assert rec.state == "COMPLETE" and rec.stopped_early and rec.metrics["evaluations"] <= 2
+    full = run_trial(spec, bank=tiny_bank, denoiser=builtin_mixture(dim=8), nfe=NFE)
+    assert full.metrics["evaluations"] >= 500 and not full.stopped_early
+
+
 def test_small_states_reach_the_trials_large_ones_do_not(tiny_bank: Bank) -> None:
     assert tiny_bank.states is not None
     assert tiny_bank.for_trials().states is not None

@@ -15,6 +15,7 @@ model's device once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +25,14 @@ from typing import Any, Protocol
 from fewstep_search.bank import Bank
 from fewstep_search.models.source import ModelSource, frozen_weights
 from fewstep_search.phase1.registry import OptimizerFactory
-from fewstep_search.phase1.select import DEFAULT_TIE_TOLERANCE, best_heuristic, candidate_row, select_winner
-from fewstep_search.phase1.trials import Progress, TrialRecord, TrialSpec, run_trial
+from fewstep_search.phase1.select import (
+    DEFAULT_TIE_TOLERANCE,
+    best_heuristic,
+    best_starts,
+    candidate_row,
+    select_winner,
+)
+from fewstep_search.phase1.trials import BEST_START, Progress, TrialRecord, TrialSpec, run_trial
 from fewstep_search.study.search import PruningSpec
 
 __all__ = ["TrialContext", "Executor", "InProcessExecutor", "TieredExecutor", "Phase1Result", "run_phase1"]
@@ -41,6 +48,10 @@ class TrialContext:
     batch_size: int | None = None
     fit_trajectories: int | None = None
     """The true-error objective solves this many fit trajectories per evaluation (None: all of them)."""
+    trial_seconds: float | None = None
+    """Wall-time budget of each costly trial (None: only the optimizers' own budgets)."""
+    starts: Mapping[str, list[float]] = field(default_factory=dict)
+    """Schedules for start "best" (`select.best_starts` of the cheap trials); run_phase1 fills it in."""
     device: str = "cpu"
     extra_optimizers: Mapping[str, OptimizerFactory] = field(default_factory=dict)
 
@@ -104,7 +115,8 @@ class InProcessExecutor:
         for attempt in range(1, self.max_failures + 2):
             try:
                 rec = run_trial(spec, bank=bank, denoiser=den, nfe=context.nfe, batch_size=context.batch_size,
-                                fit_trajectories=context.fit_trajectories,
+                                fit_trajectories=context.fit_trajectories, trial_seconds=context.trial_seconds,
+                                starts=context.starts,
                                 extra_optimizers=context.extra_optimizers, progress=progress,
                                 report_every=self.pruning.report_every if self.pruning else 10)
                 return TrialRecord(spec=rec.spec, state=rec.state, metrics=rec.metrics, schedule=rec.schedule,
@@ -220,8 +232,15 @@ def run_phase1(
         if on_record is not None:
             on_record(record)
 
-    if todo:
-        executor.run(todo, bank=bank, model=model, context=context, on_record=collect)
+    # The cheap trials first, so a costly trial that starts from "best" refines the best of them.
+    cheap = [s for s in todo if not s.is_costly]
+    costly = [s for s in todo if s.is_costly]
+    if cheap:
+        executor.run(cheap, bank=bank, model=model, context=context, on_record=collect)
+    if costly:
+        if any(s.start == BEST_START for s in costly):
+            context = dataclasses.replace(context, starts={**best_starts(records), **context.starts})
+        executor.run(costly, bank=bank, model=model, context=context, on_record=collect)
     winner = select_winner(records, tie_tolerance=tie_tolerance)
     if not math.isfinite(winner.test_error):
         raise ValueError(f"the winning trial {winner.spec.label} has no finite test error")

@@ -17,6 +17,7 @@ engine reports progress through it and stops a trial that cannot win by raising 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,8 @@ class Problem:
         denoiser: needed by `direct`.
         solver, batch_size: how `direct` solves (see `fewstep_search.objectives.true_error`).
         seed: for optimizers with randomness (samplers).
+        deadline: a `time.perf_counter()` time; the first evaluation after it ends the trial (`StopTrial`)
+            with the best schedule so far: a wall-time budget per trial, whatever the optimizer's own budget.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Problem:
         seed: int = 0,
         monitor: Callable[[Problem], None] | None = None,
         monitor_every: int = 10,
+        deadline: float | None = None,
     ) -> None:
         self.objective = get_objective(objective)
         if self.objective.needs_model and denoiser is None:
@@ -121,6 +125,7 @@ class Problem:
         if monitor_every < 1:
             raise ValueError(f"monitor_every must be >= 1, got {monitor_every}")
         self.monitor, self.monitor_every = monitor, int(monitor_every)
+        self.deadline = deadline
         self.evaluations = 0
         self.best_value = math.inf
         self.best_schedule: Schedule | None = None
@@ -143,8 +148,9 @@ class Problem:
             solver=self.solver,
             batch_size=self.batch_size,
             seed=self.seed,
-            monitor=self._forward_monitor if self.monitor is not None else None,
+            monitor=self._forward_monitor if (self.monitor is not None or self.deadline is not None) else None,
             monitor_every=self.monitor_every,
+            deadline=self.deadline,
         )
 
     def _forward_monitor(self, sub: Problem) -> None:
@@ -166,6 +172,10 @@ class Problem:
             self.best_schedule = Schedule(sigmas.detach().double().cpu().numpy(), name=self.parameterization.name)
         if self.monitor is not None and self.evaluations % self.monitor_every == 0:
             self.monitor(self)
+        if self.deadline is not None and time.perf_counter() > self.deadline and self.best_schedule is not None:
+            if self.monitor is not None:
+                self.monitor(self)  # a derived problem hands its best to the trial's problem first
+            raise StopTrial
         return loss
 
     def loss(self, theta: Tensor) -> Tensor:

@@ -56,6 +56,7 @@ def _trainable(config: dict[str, Any], *, bank: Bank, model: ModelSource, contex
         record = run_trial(
             TrialSpec.from_dict(config["trial"]), bank=dev_bank, denoiser=den, nfe=context["nfe"],
             batch_size=context["batch_size"], fit_trajectories=context["fit_trajectories"],
+            trial_seconds=context["trial_seconds"], starts=context["starts"],
             extra_optimizers=context["extra_optimizers"],
             progress=progress if context["pruning"] else None, report_every=context["report_every"],
         )
@@ -147,7 +148,8 @@ class RayTuneExecutor:
             spec.validate(budget=context.nfe, extra_optimizers=context.extra_optimizers)
         pruning = self.pruning is not None and self.pruning.enabled
         ctx = {"nfe": context.nfe, "batch_size": context.batch_size, "device": context.device,
-               "fit_trajectories": context.fit_trajectories,
+               "fit_trajectories": context.fit_trajectories, "trial_seconds": context.trial_seconds,
+               "starts": dict(context.starts),
                "threads": max(1, int(self.cpus_per_trial)), "extra_optimizers": dict(context.extra_optimizers),
                "pruning": pruning, "report_every": self.pruning.report_every if self.pruning else 10}
         resources = trial_resources(context.device, cpus=self.cpus_per_trial, gpus=self.gpus_per_trial)

@@ -10,6 +10,7 @@ Optuna is imported only when a sampler runs, so importing this module stays chea
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import abstractmethod
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 
 from fewstep_search.phase1._optuna import quiet_optuna
 from fewstep_search.phase1.optimizers import ScheduleOptimizer, positive_int, theta0
-from fewstep_search.phase1.problem import Problem
+from fewstep_search.phase1.problem import Problem, StopTrial
 from fewstep_search.schedules import Schedule
 
 __all__ = ["TPE", "CMAES"]
@@ -59,13 +60,22 @@ class _OptunaSampler(ScheduleOptimizer):
             )
             study.enqueue_trial(x0)
 
+            stopped: list[StopTrial] = []
+
             def objective(trial: Any) -> float:
                 theta = [
                     trial.suggest_float(n, float(a), float(b)) for n, a, b in zip(names, lo, hi, strict=True)
                 ]
-                return problem.value(np.asarray(theta))
+                try:
+                    return problem.value(np.asarray(theta))
+                except StopTrial as stop:  # early stopping is not a failure: end the inner study quietly
+                    stopped.append(stop)
+                    study.stop()
+                    return math.inf
 
             study.optimize(objective, n_trials=self.n_trials)
+        if stopped:
+            raise stopped[0]
 
 
 class TPE(_OptunaSampler):

@@ -13,9 +13,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from fewstep_search.phase1.trials import TrialRecord
+from fewstep_search.phase1.trials import TrialRecord, best_start_key
 
-__all__ = ["DEFAULT_TIE_TOLERANCE", "best_heuristic", "select_winner", "candidate_row", "by_family", "complete"]
+__all__ = ["DEFAULT_TIE_TOLERANCE", "best_heuristic", "best_starts", "select_winner", "candidate_row", "by_family",
+           "complete"]
 
 DEFAULT_TIE_TOLERANCE = 1e-3
 """Select E within 0.1% of each other is a tie: below the Monte-Carlo noise of a 32-trajectory mean."""
@@ -42,6 +43,22 @@ def select_winner(records: Sequence[TrialRecord], *, tie_tolerance: float = DEFA
     best = min(r.select_error for r in done)
     tied = [r for r in done if r.select_error <= best * (1.0 + tie_tolerance)]
     return min(tied, key=lambda r: (r.seconds, r.select_error))
+
+
+def best_starts(records: Sequence[TrialRecord]) -> dict[str, list[float]]:
+    """Per solver, the sigmas of the complete cheap trial with the lowest select E (what start "best" refines).
+
+    Picked on select, like every other decision: the refinement then fits on fit and is picked on select again.
+    """
+    best: dict[str, TrialRecord] = {}
+    for r in complete(records):
+        if r.spec.is_costly or r.schedule is None:
+            continue
+        cur = best.get(r.spec.solver)
+        if cur is None or r.select_error < cur.select_error:
+            best[r.spec.solver] = r
+    return {best_start_key(s): [float(v) for v in r.schedule.sigmas] for s, r in best.items()
+            if r.schedule is not None}
 
 
 def by_family(records: Sequence[TrialRecord]) -> dict[str, TrialRecord]:

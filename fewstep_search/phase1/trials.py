@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from fewstep_search.bank import Bank
@@ -45,7 +46,18 @@ __all__ = [
     "errors_by_condition",
     "FIRST_ORDER_SOLVERS",
     "METRIC_KEYS",
+    "BEST_START",
+    "best_start_key",
 ]
+
+BEST_START = "best"
+"""A costly trial's start that means: the schedule of the best finished cheap trial (lowest select E) of the same
+solver: the DP optima, the bound trials, the one-shot peers and the heuristics, refined on the true error."""
+
+
+def best_start_key(solver: str) -> str:
+    return f"{BEST_START}:{solver}"
+
 
 TrialState = Literal["COMPLETE", "FAIL"]
 FIRST_ORDER_SOLVERS = ("ddim", "euler")
@@ -160,8 +172,11 @@ class TrialSpec:
             raise ValueError(
                 f"unknown parameterization {self.parameterization!r}; known: {', '.join(PARAMETERIZATIONS)}"
             )
-        if self.start not in SCHEDULE_FAMILIES:
-            raise ValueError(f"unknown start {self.start!r}; known: {', '.join(SCHEDULE_FAMILIES)}")
+        if self.start not in SCHEDULE_FAMILIES and self.start != BEST_START:
+            raise ValueError(f"unknown start {self.start!r}; known: {', '.join(SCHEDULE_FAMILIES)}, {BEST_START}")
+        if self.start == BEST_START and not self.is_costly:
+            raise ValueError(f"trial {self.label}: start {BEST_START!r} refines the best cheap trial, so it must be "
+                             "a costly (direct-objective) trial")
         if self.solver not in SOLVERS or self.solver == "reference":
             known = ", ".join(s for s in SOLVERS if s != "reference")
             raise ValueError(f"unknown solver {self.solver!r}; known: {known}")
@@ -285,6 +300,8 @@ def run_trial(
     nfe: int,
     batch_size: int | None = None,
     fit_trajectories: int | None = None,
+    trial_seconds: float | None = None,
+    starts: Mapping[str, Sequence[float]] | None = None,
     extra_optimizers: Mapping[str, OptimizerFactory] | None = None,
     progress: Progress | None = None,
     report_every: int = 10,
@@ -297,6 +314,9 @@ def run_trial(
     engine records them as FAIL after its retries). `fit_trajectories`: the true-error objective solves only the
     first that many fit trajectories per evaluation (a fixed random subset: the split is random), the cost of a
     costly trial divided by K_fit / fit_trajectories; the select set still decides and the full fit E is reported.
+    `trial_seconds`: a costly trial ends at its first evaluation after this much wall time, with its best schedule
+    (the optimizers' own budgets are caps: a cheap model reaches them, an expensive one the time first).
+    `starts`: schedules by `best_start_key(solver)` for trials whose start is "best" (see `best_starts`).
     """
     spec.validate(budget=nfe, extra_optimizers=extra_optimizers)
     steps = spec.steps_for(nfe)
@@ -327,9 +347,18 @@ def run_trial(
     problem = Problem(objective=spec.objective, parameterization=param, fit=fit, direct_fit=direct_fit,
                       denoiser=denoiser, solver=spec.solver, batch_size=batch_size, seed=spec.seed,
                       monitor=monitor if (progress is not None and spec.is_costly) else None,
-                      monitor_every=report_every)
+                      monitor_every=report_every,
+                      deadline=t0 + trial_seconds if (trial_seconds is not None and spec.is_costly) else None)
     optimizer = make_optimizer(spec.optimizer, extra=dict(extra_optimizers or {}), **spec.hyper)
-    start = make_schedule(spec.start, steps, lo, hi)
+    if spec.start == BEST_START:
+        sigmas = (starts or {}).get(best_start_key(spec.solver))
+        if sigmas is None:
+            raise ValueError(f"trial {spec.label} refines the best cheap {spec.solver} trial, but none finished")
+        start = Schedule(np.asarray(sigmas, dtype=np.float64), name=BEST_START)
+        if start.nfe != steps:
+            raise ValueError(f"trial {spec.label}: the best cheap schedule has {start.nfe} steps, not {steps}")
+    else:
+        start = make_schedule(spec.start, steps, lo, hi)
     stopped = 0.0
     try:
         result = optimizer.minimize(problem, start)

@@ -50,7 +50,7 @@ class TrialTemplate(Strict):
 
 
 def _known_families(value: list[str]) -> list[str]:
-    unknown = [v for v in value if v not in SCHEDULE_FAMILIES]
+    unknown = [v for v in value if v not in SCHEDULE_FAMILIES and v != "best"]
     if unknown:
         raise ValueError(f"unknown schedule families {unknown}; known: {', '.join(SCHEDULE_FAMILIES)}")
     return value
@@ -70,20 +70,23 @@ DEFAULT_PORTFOLIO: tuple[dict[str, Any], ...] = (
     _t("lbfgsb", "bw", "logits", ["edm"], maxiter=100),
     _t("gits", "direct", "logits", ["edm"]),
     _t("dm_nonuniform", "direct", "logits", ["edm"]),
-    # Costly (one solve of the fit trajectories per evaluation), stopped early when they cannot win. Budgets are
-    # sized so the whole search on the built-in model at N = 10 stays about a minute on 2 cores; a study can ask
-    # for more (docs/search.md).
-    _t("dp_adam", "direct", "logits", ["edm"], steps=60, lr=0.05),  # DESIGN.md's recipe: B_w-DP, then Adam on E
-    _t("adam", "direct", "logits", ["vp_time_quadratic"], steps=60, lr=0.05),
-    _t("lbfgsb", "direct", "logits", ["edm", "vp_time_quadratic"], maxiter=20),
-    _t("trust_constr", "direct", "nodes", ["edm"], maxiter=20),
+    # Costly (one solve of the fit trajectories per evaluation), stopped early when they cannot win, and each
+    # within `trial_seconds` of wall time: the iteration budgets below are caps that a cheap model reaches (an
+    # analytic mixture: seconds) and an expensive one does not (the digits U-Net: the time budget ends them).
+    _t("dp_adam", "direct", "logits", ["edm"], steps=200, lr=0.05),  # DESIGN.md's recipe: B_w-DP, then Adam on E
+    _t("adam", "direct", "logits", ["vp_time_quadratic"], steps=200, lr=0.05),
+    _t("lbfgsb", "direct", "logits", ["edm", "vp_time_quadratic"], maxiter=100),
+    _t("trust_constr", "direct", "nodes", ["edm"], maxiter=100),
     # The multistep solvers get the same local refinement: the search returns a (solver, schedule) pair.
-    {**_t("lbfgsb", "direct", "logits", ["vp_time_quadratic"], maxiter=20), "solver": "dpmpp_2m"},
-    {**_t("lbfgsb", "direct", "logits", ["vp_time_quadratic"], maxiter=20), "solver": "ipndm"},
+    {**_t("lbfgsb", "direct", "logits", ["vp_time_quadratic"], maxiter=100), "solver": "dpmpp_2m"},
+    {**_t("lbfgsb", "direct", "logits", ["vp_time_quadratic"], maxiter=100), "solver": "ipndm"},
+    # "best": the schedule of the best cheap trial (DP, bound, one-shot peer or heuristic, picked on select),
+    # refined on the true error: the search is never limited to the starts listed here.
+    _t("lbfgsb", "direct", "logits", ["best"], maxiter=100),
     # Samplers on the low-dimensional families (global within the family, forward solves only).
-    _t("tpe", "direct", "edm_rho", ["edm"], n_trials=30),
-    _t("tpe", "direct", "beta_warp", ["log_uniform"], n_trials=30),
-    {**_t("cmaes", "direct", "spline", ["log_uniform"], n_trials=30), "options": {"knots": 6}},
+    _t("tpe", "direct", "edm_rho", ["edm"], n_trials=100),
+    _t("tpe", "direct", "beta_warp", ["log_uniform"], n_trials=100),
+    {**_t("cmaes", "direct", "spline", ["log_uniform"], n_trials=100), "options": {"knots": 6}},
 )
 """The default trials: every optimizer family, each where it is strongest (see docs/search.md)."""
 
@@ -113,9 +116,21 @@ class SearchSpec(Strict):
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.25, gt=0, le=1, description="GPU share per trial when device = cuda")
     tie_tolerance: float = Field(default=1e-3, ge=0, description="relative select E difference counted as a tie")
-    fit_trajectories: int | None = Field(
-        default=16, ge=1, description="fit trajectories the true-error objective solves per evaluation (a fixed "
-        "subset; None: all): the cost of costly trials scales with it; the select set still picks the winner")
+    fit_trajectories: int | Literal["auto"] | None = Field(
+        default="auto", description="fit trajectories the true-error objective solves per evaluation (a fixed "
+        "subset; None: all; auto: as many as one forward solve does in seconds_per_evaluation, at least 16): the "
+        "cost of costly trials scales with it; the select set still picks the winner")
+    seconds_per_evaluation: float = Field(default=0.25, gt=0, description="the auto fit_trajectories target")
+    trial_seconds: float | None = Field(
+        default=30.0, gt=0, description="wall-time budget of each costly trial (the optimizers' own budgets are "
+        "caps a cheap model reaches first); None: iteration budgets only (reproducible across machines)")
+
+    @field_validator("fit_trajectories")
+    @classmethod
+    def _positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"fit_trajectories must be >= 1, 'auto' or absent, got {value}")
+        return value
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     heuristics: list[str] = Field(default_factory=lambda: list(DEFAULT_HEURISTICS))
     solvers: list[str] = Field(default_factory=lambda: ["ddim", "dpmpp_2m", "ipndm"], min_length=1,
