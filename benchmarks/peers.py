@@ -111,11 +111,13 @@ def phase1_rows(kind: str, bank: Bank, nfe: int) -> tuple[dict[str, Any], dict[s
     records: list[TrialRecord] = []
     search = SearchSpec()
     n_fit = auto_fit_trajectories(source.load(), bank.fit(), nfe, seconds_per_evaluation=search.seconds_per_evaluation)
-    # ours as the CLI runs it (early stopping, the auto fit subset); the peers to completion on the whole fit set
-    for specs, pruning, fit_n in ((ours, search.pruning, n_fit), (peers, PruningSpec(enabled=False), None)):
+    # ours as the CLI runs it (early stopping, the auto fit subset, the time budget per trial); the peers to
+    # completion on the whole fit set, with their own budgets
+    ours_context = TrialContext(nfe=nfe, fit_trajectories=n_fit, trial_seconds=search.trial_seconds or None)
+    for specs, pruning, context in ((ours, search.pruning, ours_context),
+                                    (peers, PruningSpec(enabled=False), TrialContext(nfe=nfe))):
         executor = TieredExecutor(costly=InProcessExecutor(pruning=pruning))
-        records += run_phase1(specs, bank=bank, model=source, context=TrialContext(nfe=nfe, fit_trajectories=fit_n),
-                              executor=executor).records
+        records += run_phase1(specs, bank=bank, model=source, context=context, executor=executor).records
     seconds: dict[str, float] = {}
     for r in records:
         if r.state == "COMPLETE":

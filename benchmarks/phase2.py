@@ -7,7 +7,7 @@ from fresh noise before / after, and the FD of the untouched model with 10 steps
 
     .venv/bin/python benchmarks/phase2.py --nfe 4 10 --minutes 20
     .venv/bin/python benchmarks/phase2.py --nfe 4 --minutes 2 \
-        --variant plain:pool_size=null,cache_first_target=false --variant default:
+        --variant plain:pool_size=null,cache_first_target=false,target_reuse=1 --variant default:
 
 A variant is `name:key=value,key=value` (Phase2Spec fields; values are JSON, e.g. null, true, 0.5); `--set`
 applies to every variant. The bank is cached in `--out`. Times are wall time on whatever the machine is doing

@@ -74,7 +74,8 @@ def _search(bank: Bank, kind: str, nfe: int, workers: int, pruning: bool) -> tup
     result = run_phase1(specs, bank=bank, model=MODELS[kind]["source"],
                         context=TrialContext(nfe=nfe, fit_trajectories=auto_fit_trajectories(
                             MODELS[kind]["source"].load(), bank.fit(), nfe,
-                            seconds_per_evaluation=spec.seconds_per_evaluation)),
+                            seconds_per_evaluation=spec.seconds_per_evaluation),
+                            trial_seconds=spec.trial_seconds or None),
                         executor=executor)
     return result, time.perf_counter() - t
 

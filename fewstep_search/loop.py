@@ -172,7 +172,7 @@ class _Run:
         """The search's `fit_trajectories`, 'auto' measured once per run (on the teacher) and said in one line."""
         s = self.config.search
         if s.fit_trajectories != "auto":
-            return s.fit_trajectories
+            return None if s.fit_trajectories == "all" else int(s.fit_trajectories)
         if self._fit_n is None:
             from fewstep_search.phase1.budget import auto_fit_trajectories
 
@@ -210,7 +210,7 @@ class _Run:
             result = run_phase1(self.specs, bank=bank, model=model,
                                 context=TrialContext(nfe=self.config.nfe, batch_size=self.config.bank.batch_size,
                                                      fit_trajectories=self.fit_trajectories(bank),
-                                                     trial_seconds=self.config.search.trial_seconds,
+                                                     trial_seconds=self.config.search.trial_seconds or None,
                                                      device=self.config.device,
                                                      extra_optimizers=self.options.extra_optimizers),
                                 executor=self.executor(r), previous=previous, on_record=on_record,

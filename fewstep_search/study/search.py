@@ -116,20 +116,20 @@ class SearchSpec(Strict):
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.25, gt=0, le=1, description="GPU share per trial when device = cuda")
     tie_tolerance: float = Field(default=1e-3, ge=0, description="relative select E difference counted as a tie")
-    fit_trajectories: int | Literal["auto"] | None = Field(
+    fit_trajectories: int | Literal["auto", "all"] = Field(
         default="auto", description="fit trajectories the true-error objective solves per evaluation (a fixed "
-        "subset; None: all; auto: as many as one forward solve does in seconds_per_evaluation, at least 16): the "
+        "subset; all; auto: as many as one forward solve does in seconds_per_evaluation, at least 16): the "
         "cost of costly trials scales with it; the select set still picks the winner")
     seconds_per_evaluation: float = Field(default=0.25, gt=0, description="the auto fit_trajectories target")
-    trial_seconds: float | None = Field(
-        default=30.0, gt=0, description="wall-time budget of each costly trial (the optimizers' own budgets are "
-        "caps a cheap model reaches first); None: iteration budgets only (reproducible across machines)")
+    trial_seconds: float = Field(
+        default=30.0, ge=0, description="wall-time budget of each costly trial (the optimizers' own budgets are "
+        "caps a cheap model reaches first); 0: iteration budgets only (reproducible across machines)")
 
     @field_validator("fit_trajectories")
     @classmethod
-    def _positive(cls, value: int | str | None) -> int | str | None:
+    def _positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value < 1:
-            raise ValueError(f"fit_trajectories must be >= 1, 'auto' or absent, got {value}")
+            raise ValueError(f"fit_trajectories must be >= 1, 'auto' or 'all', got {value}")
         return value
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     heuristics: list[str] = Field(default_factory=lambda: list(DEFAULT_HEURISTICS))
