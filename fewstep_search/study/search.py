@@ -77,12 +77,15 @@ DEFAULT_PORTFOLIO: tuple[dict[str, Any], ...] = (
     _t("adam", "direct", "logits", ["vp_time_quadratic"], steps=200, lr=0.05),
     _t("lbfgsb", "direct", "logits", ["edm", "vp_time_quadratic"], maxiter=100),
     _t("trust_constr", "direct", "nodes", ["edm"], maxiter=100),
-    # The multistep solvers get the same local refinement: the search returns a (solver, schedule) pair.
-    {**_t("lbfgsb", "direct", "logits", ["vp_time_quadratic"], maxiter=100), "solver": "dpmpp_2m"},
-    {**_t("lbfgsb", "direct", "logits", ["vp_time_quadratic"], maxiter=100), "solver": "ipndm"},
-    # "best": the schedule of the best cheap trial (DP, bound, one-shot peer or heuristic, picked on select),
-    # refined on the true error: the search is never limited to the starts listed here.
+    # "best": the schedule of the best cheap trial of the same solver (DP, bound, one-shot peer or heuristic,
+    # picked on select), refined on the true error: the search is never limited to the starts listed here.
     _t("lbfgsb", "direct", "logits", ["best"], maxiter=100),
+    # The multistep solvers get local refinement too (their optima differ from DDIM's, and L-BFGS-B and Adam
+    # land in different basins): the search returns a (solver, schedule) pair.
+    {**_t("lbfgsb", "direct", "logits", ["best"], maxiter=100), "solver": "dpmpp_2m"},
+    {**_t("lbfgsb", "direct", "logits", ["best"], maxiter=100), "solver": "ipndm"},
+    {**_t("adam", "direct", "logits", ["edm"], steps=200, lr=0.05), "solver": "dpmpp_2m"},
+    {**_t("adam", "direct", "logits", ["edm"], steps=200, lr=0.05), "solver": "ipndm"},
     # Samplers on the low-dimensional families (global within the family, forward solves only).
     _t("tpe", "direct", "edm_rho", ["edm"], n_trials=100),
     _t("tpe", "direct", "beta_warp", ["log_uniform"], n_trials=100),
