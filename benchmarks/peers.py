@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["mixture", "digits"], choices=list(MODELS))
     ap.add_argument("--nfe", nargs="+", type=int, default=[3, 4, 5, 6, 8, 10])
+    ap.add_argument("--digits-nfe", nargs="+", type=int, default=None,
+                    help="budgets for digits (default: --nfe): its trials take minutes, the mixture's seconds")
     ap.add_argument("--phase2-nfe", nargs="*", type=int, default=[4, 10])
     ap.add_argument("--phase2-minutes", type=float, default=4.0, help="training budget of each Phase-2 round")
     ap.add_argument("--cache", type=Path, default=Path("runs/benchmark_banks"), help="banks and per-(model, N) results")
@@ -313,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     args.cache.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    results = [measure(k, n, args.cache, args.phase2_nfe, args.phase2_minutes) for k in args.models for n in args.nfe]
+    budgets = {k: (args.digits_nfe or args.nfe) if k == "digits" else args.nfe for k in args.models}
+    results = [measure(k, n, args.cache, args.phase2_nfe, args.phase2_minutes)
+               for k in args.models for n in budgets[k]]
     body = tables(results)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     cmd = "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
