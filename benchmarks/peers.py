@@ -137,7 +137,6 @@ def add_quality(den: Any, rows: dict[str, Any]) -> None:
 def phase2_rows(kind: str, bank: Bank, nfe: int, first: dict[str, Any], minutes: float,
                 folder: Path) -> dict[str, Any]:
     """One Phase-2 round on ours' first-order pick and on the best peer's (picked on select E)."""
-    from fewstep_search.models.source import load_checkpoint_into
     from fewstep_search.phase2 import fine_tune
 
     peers = {m: r for m, r in first.items() if m not in ("fewstep-search", "hand-made")}
@@ -150,8 +149,7 @@ def phase2_rows(kind: str, bank: Bank, nfe: int, first: dict[str, Any], minutes:
         res = fine_tune(teacher=source, student=source, schedule=sched, bank=bank,
                         spec=Phase2Spec(max_minutes=minutes), out_dir=folder / f"phase2_{kind}_n{nfe}_{method}",
                         engine="local", progress=True)
-        tuned = source.load()
-        load_checkpoint_into(tuned, res.checkpoint)
+        tuned = source.with_checkpoint(res.checkpoint).load()  # the student: the base model plus its weights
         scores = score_schedule(tuned, bank, sched, parts=("test",))
         q = sample_quality_of(tuned, sched)
         out[method] = {"schedule_test_error": row["test_error"], "test_error": scores["test_error"],
@@ -198,11 +196,15 @@ def tables(results: Sequence[dict[str, Any]]) -> str:
         best = min(r["test_error"] for r in rows.values())
         lines.append(f"| {res['model']} | {res['nfe']} | "
                      + " | ".join(_cell(rows.get(m), best) for m in METHODS) + " |")
-        ours = rows["fewstep-search"]["test_error"]
+        o = rows["fewstep-search"]
         for m in METHODS[:-1]:
-            if m in rows and rows[m]["test_error"] < ours:
-                wins.append(f"* {res['model']} N = {res['nfe']}: {m} ({rows[m]['test_error']:.4f}, "
-                            f"{rows[m]['label']}) beats fewstep-search ({ours:.4f}, {rows['fewstep-search']['label']})")
+            if m in rows and rows[m]["test_error"] < o["test_error"]:
+                r = rows[m]
+                on_select = ("higher" if r["select_error"] > o["select_error"] else "lower")
+                wins.append(f"* {res['model']} N = {res['nfe']}: {m} `{r['label']}` has test E {r['test_error']:.4f} "
+                            f"against {o['test_error']:.4f} for fewstep-search `{o['label']}`; on the select "
+                            f"trajectories its E is {on_select} ({r['select_error']:.4f} against "
+                            f"{o['select_error']:.4f})")
     times = ["| model | N | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
     for res in results:
         times.append(f"| {res['model']} | {res['nfe']} | " + " | ".join(
