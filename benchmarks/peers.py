@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfe", nargs="+", type=int, default=[3, 4, 5, 6, 8, 10])
     ap.add_argument("--digits-nfe", nargs="+", type=int, default=None,
                     help="budgets for digits (default: --nfe): its trials take minutes, the mixture's seconds")
-    ap.add_argument("--phase2-nfe", nargs="*", type=int, default=[4, 10])
+    ap.add_argument("--phase2-nfe", nargs="*", type=int, default=[4])
     ap.add_argument("--phase2-minutes", type=float, default=4.0, help="training budget of each Phase-2 round")
     ap.add_argument("--cache", type=Path, default=Path("runs/benchmark_banks"), help="banks and per-(model, N) results")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ and README.md alone")
