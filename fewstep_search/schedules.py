@@ -40,6 +40,7 @@ __all__ = [
     "flow_uniform",
     "flow_shift3",
     "SCHEDULE_FAMILIES",
+    "BEST_START",
     "DEFAULT_HEURISTICS",
     "make_schedule",
     "sigmas_from_logits",
@@ -253,6 +254,10 @@ def flow_shift3(nfe: int, sigma_min: float, sigma_max: float) -> Schedule:
     """The flow default with shift 3 (SD3's default scheduler setting)."""
     return flow_uniform(nfe, sigma_min, sigma_max, shift=3.0)
 
+
+BEST_START = "best"
+"""Not a family: the start of a costly search trial that means the schedule of the best finished cheap trial
+(lowest select E) of the same solver (the DP optima, the bound trials, the one-shot peers, the heuristics)."""
 
 SCHEDULE_FAMILIES: dict[str, Callable[..., Schedule]] = {
     "edm": karras,

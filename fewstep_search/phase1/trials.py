@@ -33,7 +33,7 @@ from fewstep_search.objectives import bound, true_error
 from fewstep_search.phase1.parameterizations import PARAMETERIZATIONS, make_parameterization
 from fewstep_search.phase1.problem import Problem, StopTrial, get_objective
 from fewstep_search.phase1.registry import OptimizerFactory, make_optimizer
-from fewstep_search.schedules import SCHEDULE_FAMILIES, Schedule, make_schedule
+from fewstep_search.schedules import BEST_START, SCHEDULE_FAMILIES, Schedule, make_schedule
 from fewstep_search.solvers import SOLVERS, nfe_of
 
 __all__ = [
@@ -49,11 +49,6 @@ __all__ = [
     "BEST_START",
     "best_start_key",
 ]
-
-BEST_START = "best"
-"""A costly trial's start that means: the schedule of the best finished cheap trial (lowest select E) of the same
-solver: the DP optima, the bound trials, the one-shot peers and the heuristics, refined on the true error."""
-
 
 def best_start_key(solver: str) -> str:
     return f"{BEST_START}:{solver}"

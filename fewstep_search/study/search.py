@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from fewstep_search.schedules import DEFAULT_HEURISTICS, SCHEDULE_FAMILIES
+from fewstep_search.schedules import BEST_START, DEFAULT_HEURISTICS, SCHEDULE_FAMILIES
 from fewstep_search.study._base import Strict
 
 __all__ = ["TrialTemplate", "SearchSpec", "PruningSpec", "DEFAULT_PORTFOLIO"]
@@ -50,7 +50,7 @@ class TrialTemplate(Strict):
 
 
 def _known_families(value: list[str]) -> list[str]:
-    unknown = [v for v in value if v not in SCHEDULE_FAMILIES and v != "best"]
+    unknown = [v for v in value if v not in SCHEDULE_FAMILIES and v != BEST_START]
     if unknown:
         raise ValueError(f"unknown schedule families {unknown}; known: {', '.join(SCHEDULE_FAMILIES)}")
     return value
