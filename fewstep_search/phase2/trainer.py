@@ -126,7 +126,7 @@ def fine_tune(
     den = _check_trainable(student)
     sig = schedule.tensor()
     check_endpoints(bank, sig)
-    root = Path(out_dir)
+    root = Path(out_dir).resolve()  # Ray Train refuses relative checkpoint paths (make demo: --out runs/demo)
     sigmas = tuple(float(s) for s in schedule.sigmas)
     key = _config_key(teacher, student, sigmas, spec)
     done = root / ck.RESULT_FILE
