@@ -62,12 +62,14 @@ def _same_weights(a: Path, b: Path, atol: float = 1e-6) -> bool:
     return set(wa) == set(wb) and all(torch.allclose(wa[k], wb[k], atol=atol) for k in wa)
 
 
-def test_ray_engine_matches_the_local_engine(factory, bank_path, tmp_path) -> None:
+def test_ray_engine_matches_the_local_engine(factory, bank_path, tmp_path, monkeypatch) -> None:
+    """Also with a relative out_dir, as `make demo` passes (`--out runs/demo`): Ray Train wants absolute paths."""
     bank = _bank(bank_path)
+    monkeypatch.chdir(tmp_path)
     seen: list[dict] = []
     src = ModelSource(kind="factory", factory=factory, options={"seed": 3})
     ray_res = fine_tune(teacher=src, student=src, schedule=make_schedule("vp_time_quadratic", 3, SIGMA_MIN, SIGMA_MAX),
-                        bank=bank, spec=Phase2Spec(**SPEC, max_steps=8), out_dir=tmp_path / "ray", engine="ray",
+                        bank=bank, spec=Phase2Spec(**SPEC, max_steps=8), out_dir="ray", engine="ray",
                         on_epoch=seen.append)
     local = _round(factory, bank, tmp_path / "local", "local", max_steps=8)
     assert [h["epoch"] for h in ray_res.history] == [1, 2] and [h["epoch"] for h in seen] == [1, 2]
