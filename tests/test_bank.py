@@ -151,3 +151,21 @@ def test_chunks_assemble_in_any_order_and_gaps_are_refused(mixture8) -> None:
     torch.testing.assert_close(bank.states, ref.states)
     with pytest.raises(ValueError, match="gap or overlap at 0"):
         assemble(plan, parts[:1])
+
+
+def test_a_shared_bank_travels_out_of_band_and_is_rebuilt_without_a_copy(bank8) -> None:
+    """What Ray does with the bank of a Tune search (pickle protocol 5 with out-of-band buffers): the arrays
+    travel as buffers, not inside the pickle, and the rebuilt bank's tensors are views of those buffers."""
+    import pickle
+
+    from fewstep_search.bank.shared import SharedBank
+
+    buffers: list[pickle.PickleBuffer] = []
+    payload = pickle.dumps(SharedBank.of(bank8), protocol=5, buffer_callback=buffers.append)
+    assert len(payload) < bank8.denoised.numel() * bank8.denoised.element_size()  # the data is not in the pickle
+    raw = [bytearray(b.raw()) for b in buffers]  # stands for the object store's shared memory
+    back = pickle.loads(payload, buffers=raw).bank()
+    for name in ("grid", "x_start", "x_end", "denoised", "phi", "split"):
+        torch.testing.assert_close(getattr(back, name), getattr(bank8, name), rtol=0, atol=0)
+    assert any(back.denoised.data_ptr() == torch.frombuffer(r, dtype=torch.uint8).data_ptr() for r in raw if r)
+    assert back.meta == bank8.meta and back.sizes() == bank8.sizes()

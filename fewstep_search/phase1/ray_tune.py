@@ -2,7 +2,8 @@
 
 Thin by design (DESIGN.md section 3): the math is `fewstep_search.phase1.trials.run_trial`; this module only
 * runs inside `fewstep_search.ray_runtime.ray_session` (a no-op when the loop already started Ray for the run);
-* ships the bank to the workers once through the object store (`tune.with_parameters`, without its states) and
+* ships the bank to the workers once through the object store (`tune.with_parameters`, as numpy arrays that
+  every worker maps without a copy: `fewstep_search.bank.shared`; large states dropped) and
   the model as a `ModelSource` (loaded and cached in the worker by spec and checkpoint hash);
 * reserves `{"cpu": cpus_per_trial}`, plus `{"gpu": gpus_per_trial}` when the device is a GPU;
 * runs a Tune experiment (`reuse_actors=True`, concurrency = `workers`, failed trials retried by
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep_search.bank import Bank
+from fewstep_search.bank.shared import SharedBank
 from fewstep_search.models.source import ModelSource, frozen_weights
 from fewstep_search.phase1.engine import OnRecord, TrialContext
 from fewstep_search.phase1.trials import TrialRecord, TrialSpec, run_trial
@@ -39,14 +41,14 @@ def trial_resources(device: str, *, cpus: float, gpus: float) -> dict[str, float
     return res
 
 
-def _trainable(config: dict[str, Any], *, bank: Bank, model: ModelSource, context: dict[str, Any]) -> None:
+def _trainable(config: dict[str, Any], *, bank: SharedBank, model: ModelSource, context: dict[str, Any]) -> None:
     """The Tune function trainable: one trial; intermediate reports for costly trials, then the final one."""
     import torch
     from ray import tune
 
     torch.set_num_threads(context["threads"])
     den = model.load()
-    dev_bank = bank.to(context["device"])
+    dev_bank = bank.bank().to(context["device"])  # zero-copy views of the object store on CPU
 
     def progress(step: int, report: dict[str, Any]) -> bool:
         tune.report({**report["metrics"], "record": json.dumps(report)})
@@ -155,7 +157,9 @@ class RayTuneExecutor:
         resources = trial_resources(context.device, cpus=self.cpus_per_trial, gpus=self.gpus_per_trial)
         with ray_session(workers=self.workers, address=self.address):
             trainable = tune.with_resources(
-                tune.with_parameters(_trainable, bank=bank.for_trials(), model=model.on(context.device), context=ctx),
+                tune.with_parameters(
+                    _trainable, bank=SharedBank.of(bank.for_trials()), model=model.on(context.device), context=ctx
+                ),
                 resources,
             )
             tuner = tune.Tuner(

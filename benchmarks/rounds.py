@@ -1,0 +1,126 @@
+"""The main job with a 20-minute Phase-2 round: what one round buys over Phase-1 alone, at each budget N.
+
+Runs `fewstep-search run --budget N --rounds 1` (the CLI, Ray Tune and Ray Train as a user runs it) on the
+built-in digits model for each N, with the Phase-2 round given `--minutes` of CPU time per torch thread
+(`phase2.clock = "cpu"`: the budget a 2-core machine spends in that many idle minutes, whatever else runs), and
+writes one table from the runs' `results.json`: the untouched model's Phase-1 winner (any solver) and its
+first-order pick (what Phase-2 trains), the round's test E and FD, the cut against each, the cut per minute of
+training, and the FD of the untouched model with 10 steps of EDM's schedule. Every number is on the test
+trajectories; no decision looked at them.
+
+    .venv/bin/python benchmarks/rounds.py --nfe 4 10 --minutes 20     # about an hour on 2 cores; resumable
+
+The runs live in `--out` (rerunning resumes them); the table goes to README.md and docs/phase2.md between
+`<!-- rounds:start -->` and `<!-- rounds:end -->` unless `--no-write`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fewstep_search.atomic import atomic_write_text
+from fewstep_search.models.source import ModelSource
+from fewstep_search.quality import sample_quality_of
+from fewstep_search.schedules import make_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- rounds:start -->", "<!-- rounds:end -->"
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def study_text(minutes: float) -> str:
+    """The default digits study, with only the round's budget changed."""
+    return f'[model]\nkind = "digits"\n\n[phase2]\nmax_minutes = {minutes}\nclock = "cpu"\n'
+
+
+def run_job(nfe: int, minutes: float, out: Path) -> tuple[dict[str, Any], float]:
+    """(results.json, wall seconds of this invocation) of the main job at budget `nfe`; resumes a finished run."""
+    out.mkdir(parents=True, exist_ok=True)
+    study = out / f"study_{minutes:g}min.toml"
+    atomic_write_text(study, study_text(minutes))
+    run_dir = out / f"n{nfe}_{minutes:g}min"
+    cmd = [sys.executable, "-m", "fewstep_search.cli", "run", "--budget", str(nfe), "--rounds", "1",
+           "--study", str(study), "--out", str(run_dir), "--quiet"]
+    if (run_dir / "config.json").is_file():
+        cmd.append("--resume")
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return json.loads((run_dir / "results.json").read_text()), time.perf_counter() - t
+
+
+def row(nfe: int, res: dict[str, Any], edm10_fd: float) -> dict[str, Any]:
+    rnd = res["rounds"][0]
+    p1, pick, p2 = res["baselines"]["phase1"], rnd["schedule"], rnd["phase2"]
+    hist = p2["history"]
+    minutes = hist[-1]["seconds"] / 60.0
+    return {
+        "nfe": nfe, "phase1": p1["name"], "phase1_test": p1["test_error"], "phase1_fd": p1.get("fd"),
+        "pick": pick["name"], "pick_test": pick["test_error"],
+        "round_test": rnd["test_error"], "round_fd": rnd.get("fd"),
+        "minutes": minutes, "wall_minutes": hist[-1]["wall_seconds"] / 60.0, "steps": hist[-1]["step"],
+        "cut_pick": 1 - rnd["test_error"] / pick["test_error"],
+        "cut_phase1": 1 - rnd["test_error"] / p1["test_error"],
+        "edm10_fd": edm10_fd, "best": res["best"]["round"], "stopped": rnd.get("stopped_reason"),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| N | Phase-1 winner, untouched model | its test E / FD | first-order pick (trained) | its test E | "
+            "round 1 test E / FD | cut vs pick | cut vs Phase-1 winner | cut vs pick per min | training min "
+            "(CPU / wall) | steps | FD untouched, EDM 10 steps | pair kept |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        kept = "round 1" if r["best"] == 1 else "Phase-1 (untouched)"
+        lines.append(
+            f"| {r['nfe']} | `{r['phase1']}` | {r['phase1_test']:.4f} / {r['phase1_fd']:.2f} | `{r['pick']}` | "
+            f"{r['pick_test']:.4f} | {r['round_test']:.4f} / {r['round_fd']:.2f} | {100 * r['cut_pick']:.1f}% | "
+            f"{100 * r['cut_phase1']:.1f}% | {100 * r['cut_pick'] / r['minutes']:.2f}% | "
+            f"{r['minutes']:.1f} / {r['wall_minutes']:.1f} | {r['steps']} | {r['edm10_fd']:.2f} | {kept} |")
+    return "\n".join(lines)
+
+
+def write_block(path: Path, body: str) -> None:
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path}: no {START} ... {END} block to fill")
+    head, rest = text.split(START, 1)
+    atomic_write_text(path, f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nfe", nargs="+", type=int, default=[4, 10])
+    ap.add_argument("--minutes", type=float, default=20.0, help="Phase-2 budget (CPU minutes per torch thread)")
+    ap.add_argument("--out", type=Path, default=Path("runs/benchmark_rounds"))
+    ap.add_argument("--no-write", action="store_true", help="print only; leave README.md and docs/ alone")
+    a = ap.parse_args(argv)
+    edm10 = sample_quality_of(ModelSource(kind="digits").load(), make_schedule("edm", 10, SIGMA_MIN, SIGMA_MAX))
+    assert edm10 is not None
+    rows, walls = [], {}
+    for nfe in a.nfe:
+        res, walls[nfe] = run_job(nfe, a.minutes, a.out)
+        rows.append(row(nfe, res, edm10["fd"]))
+        print(table(rows), file=sys.stderr)
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
+    body = "\n".join([
+        f"Made by `python benchmarks/rounds.py {argv_text}` on {platform.machine()}, {os.cpu_count()} CPUs "
+        f"(`fewstep-search run --budget N --rounds 1` with `phase2.max_minutes = {a.minutes:g}`, "
+        "`phase2.clock = \"cpu\"`). Test E on the test trajectories; FD of 1000 samples from the same noise.",
+        "", table(rows), ""])
+    print(body)
+    if not a.no_write:
+        for path in (ROOT / "README.md", ROOT / "docs" / "phase2.md"):
+            write_block(path, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
