@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import torch
-
 from fewstep_search.bank import Bank
-from fewstep_search.denoiser import Denoiser, bind_condition
+from fewstep_search.bank.student import student_bank
+from fewstep_search.denoiser import Denoiser
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.phase1.engine import Executor, InProcessExecutor, TieredExecutor, TrialContext, run_phase1
 from fewstep_search.phase1.portfolio import trial_specs
@@ -97,23 +96,6 @@ class LoopOptions:
     engine: Literal["ray", "local"] = "ray"
     study_path: Path | None = None
     extra_optimizers: Mapping[str, OptimizerFactory] = field(default_factory=dict)
-
-
-def _student_bank(bank: Bank, student: Denoiser, *, model_id: str, batch: int = 256) -> Bank | None:
-    """The teacher's bank with the student's outputs at the teacher's states (None when no states are kept)."""
-    if bank.states is None:
-        return None
-    k, m = bank.states.shape[:2]
-    outs = []
-    with torch.no_grad():
-        for lo in range(0, k, batch):
-            st = bank.states[lo : lo + batch]
-            cond = None if bank.cond is None else bank.cond[lo : lo + batch]
-            den = bind_condition(student, None if cond is None else cond.repeat_interleave(m))
-            flat = st.reshape(-1, *bank.shape)
-            sig = bank.grid.to(st.dtype).repeat(st.shape[0])
-            outs.append(bank.project(den(flat, sig).reshape(st.shape[0], m, *bank.shape)))
-    return bank.with_outputs(torch.cat(outs), model_id=model_id)
 
 
 class _Run:
@@ -300,10 +282,13 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
     current, current_den, prev_select = run.teacher_source, run.teacher, best["select_error"]
     for r in range(1, rounds + 1):
         if r > 1:
-            student_bank = _student_bank(bank, current_den, model_id=current.model_id)
-            if student_bank is None:
+            student = student_bank(bank, current_den, model_id=current.model_id)
+            if student is None:
                 run.note(f"round {r}: the bank keeps no states, so bound trials see the teacher's grid outputs")
-            p1 = run.phase1(r, student_bank or bank, current)
+            elif student.n_trajectories < bank.n_trajectories:
+                run.note(f"round {r}: bound trials see the student's grid outputs on {student.sizes()['fit']} of "
+                         f"{bank.sizes()['fit']} fit trajectories (a seeded sub-sample)")
+            p1 = run.phase1(r, student or bank, current)
         metrics = rundir.finished_round(r)
         if metrics is None:
             pick = _phase2_pick(p1)

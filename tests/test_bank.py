@@ -169,3 +169,49 @@ def test_a_shared_bank_travels_out_of_band_and_is_rebuilt_without_a_copy(bank8) 
         torch.testing.assert_close(getattr(back, name), getattr(bank8, name), rtol=0, atol=0)
     assert any(back.denoised.data_ptr() == torch.frombuffer(r, dtype=torch.uint8).data_ptr() for r in raw if r)
     assert back.meta == bank8.meta and back.sizes() == bank8.sizes()
+
+
+def test_a_students_bank_recomputes_outputs_in_bounded_calls_on_a_fit_subsample(mixture8) -> None:
+    from fewstep_search.bank.student import student_bank
+
+    bank = build_bank(mixture8, shape=(8,), sigma_min=0.002, sigma_max=80.0, n_trajectories=48, grid_size=24,
+                      keep_states=True, model_id="mixture8")
+    calls: list[int] = []
+
+    def counted(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return mixture8(x, sigma)
+
+    whole = student_bank(bank, counted, model_id="again", samples_per_call=100)
+    assert whole is not None and max(calls) <= 100 and sum(calls) == 48 * 24
+    torch.testing.assert_close(whole.denoised, bank.denoised, rtol=1e-6, atol=1e-9)  # the teacher is its own student
+    assert whole.meta["outputs_of"] == "again"
+    cut = student_bank(bank, mixture8, model_id="cut", max_fit=5)
+    assert cut is not None
+    sizes, full = cut.sizes(), bank.sizes()
+    assert sizes == {"fit": 5, "select": full["select"], "test": full["test"]}
+    kept = [i for i in range(48) if any(torch.equal(bank.x_start[i], row) for row in cut.x_start)]
+    torch.testing.assert_close(cut.denoised, bank.denoised[kept], rtol=1e-6, atol=1e-9)
+    assert student_bank(bank.lean(), mixture8, model_id="x") is None
+
+
+def test_the_fit_subsample_barely_moves_the_bound_dp_schedule(mixture8) -> None:
+    """What `STUDENT_MAX_FIT` costs: the B_w-DP schedule from 256 of 512 fit trajectories against the one from
+    all 512, compared by true error on the test trajectories (docs/scale.md quotes this test: the same E at
+    N = 6, +4% at N = 10, +11.5% at N = 4, where B_w's grid DP flips between two near-tied schedules)."""
+    from fewstep_search.bank.student import STUDENT_MAX_FIT, student_bank
+    from fewstep_search.dp import dp_optimal
+    from fewstep_search.objectives import grid_cost_matrix, true_error
+
+    bank = build_bank(mixture8, shape=(8,), sigma_min=0.002, sigma_max=80.0, n_trajectories=1024, grid_size=48,
+                      keep_states=True, model_id="mixture8")
+    sub = student_bank(bank, mixture8, model_id="sub")
+    assert sub is not None and sub.sizes()["fit"] == STUDENT_MAX_FIT < bank.sizes()["fit"]
+    test = bank.test()
+    errors = {}
+    for name, b in (("all", bank), ("sub", sub)):
+        for nfe in (4, 6, 10):
+            idx, _ = dp_optimal(grid_cost_matrix(b.fit(), "bw"), nfe)
+            errors[name, nfe] = float(true_error(mixture8, test, b.grid[torch.as_tensor(idx)]))
+    for nfe in (4, 6, 10):
+        assert errors["sub", nfe] <= 1.15 * errors["all", nfe], errors

@@ -1,0 +1,53 @@
+"""The alternating loop end to end on a user factory model: Phase-1, Phase-2, then Phase-1 again on the student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep_search import loop
+from fewstep_search.loop import LoopOptions, run_loop
+from fewstep_search.models.source import ModelSource, trainable_module
+from fewstep_search.rundir import RunDir
+from fewstep_search.study import StudyConfig
+from tests.test_phase2_models import write_factory
+
+NFE = 3
+
+
+def test_two_rounds_train_the_model_and_the_second_search_scores_the_student(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(loop, "IMPROVEMENT", -1.0)  # never stop early: round 2 must run
+    factory = write_factory(tmp_path)
+    config = StudyConfig.model_validate({
+        "nfe": NFE, "rounds": 2,
+        "model": {"kind": "factory", "factory": factory, "options": {"seed": 2}},
+        "bank": {"n_trajectories": 32, "grid_size": 16, "substeps": 1, "probes": 1, "keep_states": True},
+        "search": {"heuristics": ["edm", "vp_time_quadratic"], "solvers": ["ddim"],
+                   "trials": [{"optimizer": "dp", "objective": "bw", "parameterization": "grid"}]},
+        "phase2": {"max_steps": 6, "batch_size": 16, "steps_per_epoch": 3, "pool_size": 32, "lr": 1e-3,
+                   "lr_final": 1e-4},
+    })
+    rundir = RunDir(tmp_path / "run")
+    results = run_loop(config, rundir, options=LoopOptions(engine="local"))
+
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    first, second = (json.loads((rundir.round_dir(r) / "phase1.json").read_text()) for r in (1, 2))
+    heur = {r: {c["name"]: c["select_error"] for c in p["candidates"] if c["kind"] == "heuristic"}
+            for r, p in ((1, first), (2, second))}
+    assert heur[1].keys() == heur[2].keys()
+    assert all(heur[1][k] != pytest.approx(heur[2][k], rel=1e-6) for k in heur[1])  # round 2 scored the student
+
+    teacher = ModelSource(kind="factory", factory=factory, options={"seed": 2}).load()
+    own = trainable_module(teacher).state_dict()
+    for r in (1, 2):
+        weights = load_file(str(rundir.model_path(r)))
+        assert weights.keys() == own.keys()  # the module the factory returns, keys unchanged
+        assert any(not torch.equal(weights[k], own[k]) for k in own)
+    best = json.loads((rundir.path / "best" / "schedule.json").read_text())
+    assert best["round"] == results["best"]["round"] and len(best["sigmas"]) == NFE + 1
+    if results["best"]["round"] > 0:
+        assert (rundir.path / "best" / "model.safetensors").is_file()
