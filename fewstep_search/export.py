@@ -35,6 +35,7 @@ import numpy as np
 from fewstep_search.models.flow import FLOW_SCHEDULER, sigma_to_t, unshift_t
 from fewstep_search.noise import DiscreteVP
 from fewstep_search.schedules import Schedule
+from fewstep_search.solvers import FIRST_ORDER_SOLVERS
 
 __all__ = [
     "FAMILIES",
@@ -55,7 +56,6 @@ __all__ = [
 FAMILIES = ("edm", "vp", "flow")
 FORMATS = ("json", "k-diffusion", "diffusers", "diffusers-folder")
 _K_SAMPLERS = {"ddim": "sample_euler", "euler": "sample_euler", "heun": "sample_heun", "dpmpp_2m": "sample_dpmpp_2m"}
-_FIRST_ORDER = ("ddim", "euler")
 # FlowMatchEulerDiscreteScheduler options that replace or re-map the given sigmas beyond the (undoable) shift.
 _FLOW_REPLACING = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 _SHIFT_TERMINAL_TOL = 1e-6
@@ -236,7 +236,7 @@ def export_diffusers(
     schedule: Schedule, info: ModelInfo, *, solver: str = "ddim", mu: float | None = None
 ) -> dict[str, Any]:
     """What diffusers' Euler schedulers take for this model family (see the module docstring)."""
-    if solver not in _FIRST_ORDER:
+    if solver not in FIRST_ORDER_SOLVERS:
         raise ValueError(f"diffusers' Euler schedulers are first order; this schedule was searched for {solver!r}")
     n = schedule.nfe
     if mu is not None and info.family != "flow":

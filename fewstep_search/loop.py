@@ -33,7 +33,8 @@ from fewstep_search.phase1.engine import Executor, InProcessExecutor, TieredExec
 from fewstep_search.phase1.portfolio import trial_specs
 from fewstep_search.phase1.record import OptunaRecord, sqlite_url
 from fewstep_search.phase1.registry import OptimizerFactory
-from fewstep_search.phase1.trials import FIRST_ORDER_SOLVERS, TrialRecord, errors_by_condition, score_schedule
+from fewstep_search.phase1.trials import TrialRecord, errors_by_condition, score_schedule
+from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, PHASE2_SOLVERS
 from fewstep_search.quality import sample_quality_of
 from fewstep_search.resolve import (
     cached_or_built_bank,
@@ -227,15 +228,17 @@ def _schedule_of(row: Mapping[str, Any]) -> Schedule:
     return Schedule(row["sigmas"], name=str(row.get("name", "schedule")))
 
 
-def _phase2_pick(phase1: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The schedule Phase-2 trains on: the winner, or the best first-order candidate (on select E) when the
-    winner uses another solver (Phase-2's loss follows the first-order step)."""
-    if phase1["best"]["solver"] in FIRST_ORDER_SOLVERS:
+def _phase2_pick(phase1: Mapping[str, Any], train_for: str = "first_order") -> Mapping[str, Any]:
+    """The schedule and solver Phase-2 trains for: the winner, or, when the winner's solver is not one it trains
+    for (`phase2.train_for`: first order only, or every solver in `PHASE2_SOLVERS`), the best candidate on
+    select E whose solver is."""
+    solvers = FIRST_ORDER_SOLVERS if train_for == "first_order" else PHASE2_SOLVERS
+    if phase1["best"]["solver"] in solvers:
         return phase1["best"]
-    first = [c for c in phase1["candidates"] if c["solver"] in FIRST_ORDER_SOLVERS]
-    if not first:
-        raise ValueError("Phase-2 needs a first-order (ddim) candidate; add ddim to search.solvers")
-    return min(first, key=lambda c: c["select_error"])
+    usable = [c for c in phase1["candidates"] if c["solver"] in solvers]
+    if not usable:
+        raise ValueError(f"Phase-2 trains for {', '.join(solvers)} here; add one of them to search.solvers")
+    return min(usable, key=lambda c: c["select_error"])
 
 
 def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None = None,
@@ -291,10 +294,11 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
             p1 = run.phase1(r, student or bank, current)
         metrics = rundir.finished_round(r)
         if metrics is None:
-            pick = _phase2_pick(p1)
+            pick = _phase2_pick(p1, run.config.phase2.train_for)
             if pick is not p1["best"]:
-                run.note(f"round {r}: the search's winner uses {p1['best']['solver']}; Phase-2 trains on the best "
-                         f"first-order schedule ({pick['name']})")
+                run.note(f"round {r}: the search's winner uses {p1['best']['solver']}; Phase-2 trains for "
+                         f"{config.phase2.train_for.replace('_', '-')} solvers, on the best such candidate "
+                         f"({pick['name']}, {pick['solver']})")
             metrics = _phase2_round(run, r, bank, current, _schedule_of(pick), pick)
         history.append(metrics)
         current = run.teacher_source.with_checkpoint(rundir.model_path(r))
@@ -333,7 +337,8 @@ def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule:
     t0 = time.perf_counter()
     result = fine_tune(teacher=run.teacher_source, student=student, schedule=schedule, bank=bank,
                        spec=config.phase2, out_dir=rundir.round_dir(r) / "phase2", device=config.device,
-                       engine=run.options.engine, on_epoch=run.reporter.epoch, progress=run.reporter.progress)
+                       engine=run.options.engine, on_epoch=run.reporter.epoch, progress=run.reporter.progress,
+                       solver=str(row.get("solver", "ddim")))
     seconds = time.perf_counter() - t0
     target = rundir.store_model(r, Path(result.checkpoint))
     den = run.teacher_source.with_checkpoint(target).load(cache=False)

@@ -23,6 +23,7 @@ from torch import Tensor
 from fewstep_search.denoiser import Denoiser
 
 __all__ = [
+    "FIRST_ORDER_SOLVERS",
     "Solver",
     "SOLVERS",
     "get_solver",
@@ -178,6 +179,9 @@ def reference(
 
 
 SOLVERS: dict[str, Solver] = {"ddim": ddim, "euler": ddim, "heun": heun, "dpmpp_2m": dpmpp_2m, "reference": reference}
+FIRST_ORDER_SOLVERS = ("ddim", "euler")
+"""Solvers whose output is a convex combination of the model's outputs (Euler is DDIM in the EDM convention):
+the only ones B_w and B_0 bound, and the ones the Phase-2 loss was first written for."""
 
 _NFE_PER_STEP = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 1}
 

@@ -51,3 +51,14 @@ def test_two_rounds_train_the_model_and_the_second_search_scores_the_student(tmp
     assert best["round"] == results["best"]["round"] and len(best["sigmas"]) == NFE + 1
     if results["best"]["round"] > 0:
         assert (rundir.path / "best" / "model.safetensors").is_file()
+
+
+def test_phase2_trains_the_winner_only_for_a_solver_it_is_asked_to_train_for() -> None:
+    cands = [{"name": n, "solver": s, "select_error": e}
+             for n, s, e in (("a", "ipndm", 0.1), ("b", "ddim", 0.3), ("c", "dpmpp_2m", 0.05), ("d", "ddim", 0.2))]
+    by = {c["name"]: c for c in cands}
+    assert loop._phase2_pick({"best": by["a"], "candidates": cands})["name"] == "d"
+    assert loop._phase2_pick({"best": by["a"], "candidates": cands}, "winner")["name"] == "a"
+    assert loop._phase2_pick({"best": by["c"], "candidates": cands}, "winner")["name"] == "a"
+    with pytest.raises(ValueError, match="add one of them"):
+        loop._phase2_pick({"best": by["c"], "candidates": [by["c"]]})

@@ -34,7 +34,7 @@ from fewstep_search.phase1.parameterizations import PARAMETERIZATIONS, make_para
 from fewstep_search.phase1.problem import Problem, StopTrial, get_objective
 from fewstep_search.phase1.registry import OptimizerFactory, make_optimizer
 from fewstep_search.schedules import BEST_START, SCHEDULE_FAMILIES, Schedule, make_schedule
-from fewstep_search.solvers import SOLVERS, nfe_of
+from fewstep_search.solvers import FIRST_ORDER_SOLVERS, SOLVERS, nfe_of
 
 __all__ = [
     "TrialSpec",
@@ -55,8 +55,6 @@ def best_start_key(solver: str) -> str:
 
 
 TrialState = Literal["COMPLETE", "FAIL"]
-FIRST_ORDER_SOLVERS = ("ddim", "euler")
-"""Solvers whose output is a convex combination of the model's outputs: the only ones B_w and B_0 bound."""
 METRIC_KEYS = (
     "select_error",
     "test_error",

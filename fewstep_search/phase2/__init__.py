@@ -1,10 +1,10 @@
 """Phase-2: fine-tune the model on exactly the N sigmas of a fixed schedule (DESIGN.md section 1, Phase-2).
 
 `fine_tune(...)` runs one round (Ray Train or in process) and returns a `FineTuneResult`; the pieces are
-`targets` (the teacher's accurate interval solves), `loss` (the per-step distillation loss and its weights),
-`pool` (fixed starting noise with cached teacher work), `optim` (AdamW, LR schedule, EMA), `checkpoints`
-(atomic epoch folders), `worker` (the per-worker loop) and `trainer` (the public entry point; the only module
-that imports Ray, lazily). See docs/phase2.md.
+`targets` (the teacher's accurate interval solves), `steps` (the sampler trained for, as steps affine in their
+output), `loss` (the per-step distillation loss and its weights), `pool` (fixed starting noise with cached
+teacher work), `optim` (AdamW, LR schedule, EMA), `checkpoints` (atomic epoch folders), `worker` (the
+per-worker loop) and `trainer` (the public entry point; the only module that imports Ray, lazily). See docs/phase2.md.
 """
 
 from fewstep_search.phase2.loss import rms_gain, step_weights

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fewstep_search.bank import Bank
+from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, SamplerChain, step_gains
 from fewstep_search.phase2.targets import ideal_output
 
 __all__ = [
@@ -58,12 +59,18 @@ def rms_gain(bank: Bank, sigmas: Tensor) -> Tensor:
     return (y_axis[idx - 1] * (1 - w) + y_axis[idx] * w).sqrt()
 
 
-def step_weights(bank: Bank, sigmas: Tensor) -> Tensor:
-    """[N] loss weights `[phi(sigma_{i-1}) (1 - r_i)]^2`, ordered like the intervals (top first). float64."""
+def step_weights(bank: Bank, sigmas: Tensor, solver: str = "ddim") -> Tensor:
+    """[N] loss weights `[phi(sigma_{i-1}) gain_i]^2`, ordered like the intervals (top first). float64.
+
+    `gain_i` is how much an error in the step's output moves the next state (`1 - r_i` for DDIM; see
+    `fewstep_search.phase2.steps` for iPNDM)."""
     s = sigmas.double().cpu()
-    r = s[1:] / s[:-1]
     phi = rms_gain(bank, s[1:])
-    return (phi * (1 - r)).square()
+    if solver in FIRST_ORDER_SOLVERS:
+        r = s[1:] / s[:-1]
+        return (phi * (1 - r)).square()
+    gains = torch.tensor(step_gains(solver, tuple(float(v) for v in s)), dtype=torch.float64)
+    return (phi * gains).square()
 
 
 @dataclass
@@ -141,20 +148,23 @@ def teacher_forced_loss(student: StudentFn, states: Tensor, sigmas: tuple[float,
 @torch.no_grad()
 def student_state_targets(
     student: StudentFn, target: TargetFn, x_start: Tensor, sigmas: tuple[float, ...], *,
-    first_target: Tensor | None = None,
+    first_target: Tensor | None = None, solver: str = "ddim",
 ) -> tuple[Tensor, Tensor]:
-    """(states, D_bar) [N, B, *shape] along the student's DDIM states from `x_start`, without gradients.
+    """(states, targets) [N, B, *shape] along the student's own `solver` chain from `x_start`, without gradients.
 
-    What `student_state_loss` computes on the way, kept so the pairs can be trained on again later (reuse).
+    For DDIM the targets are the teacher's D_bar (what `student_state_loss` computes on the way); for another
+    solver, the outputs that land each step on the teacher's solve given the chain's earlier outputs
+    (`fewstep_search.phase2.steps`). Kept so the pairs can be trained on again later (reuse).
     """
+    chain = SamplerChain(solver, sigmas)
     x = x_start
     states, targets = [], []
     for j in range(len(sigmas) - 1):
         states.append(x)
-        targets.append(first_target if (j == 0 and first_target is not None) else target(x, j))
+        d_bar = first_target if (j == 0 and first_target is not None) else target(x, j)
+        targets.append(chain.target(j, x, d_bar.to(x.dtype)) if not chain.first_order else d_bar)
         d = student(x, _sigma_batch(x, sigmas[j]))
-        r = sigmas[j + 1] / sigmas[j]
-        x = r * x + (1 - r) * d.to(x.dtype)
+        x = chain.advance(j, x, d.to(x.dtype))
     return torch.stack(states), torch.stack(targets)
 
 

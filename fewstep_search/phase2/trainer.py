@@ -34,6 +34,7 @@ from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.objectives import check_endpoints
 from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.loss import step_weights
+from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, check_phase2_solver
 from fewstep_search.phase2.worker import LocalContext, WorkerConfig, run_worker
 from fewstep_search.schedules import Schedule
 from fewstep_search.study.phase2 import Phase2Spec
@@ -85,10 +86,15 @@ def eval_bank(part: Bank) -> Bank:
     return dataclasses.replace(slim, denoised=slim.denoised[:, :0], phi=slim.phi[:, :0])
 
 
-def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float, ...], spec: Phase2Spec) -> str:
-    """What makes two calls the same round: models, schedule and the settings that change the weights."""
-    budget_free = spec.model_dump(exclude={"max_minutes", "max_steps", "clock", "keep_checkpoints", "eval_batch_size"})
-    blob = json.dumps([teacher.model_id, student.model_id, list(sigmas), budget_free], sort_keys=True, default=str)
+def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float, ...], spec: Phase2Spec,
+                solver: str = "ddim") -> str:
+    """What makes two calls the same round: models, schedule, solver and the settings that change the weights."""
+    budget_free = spec.model_dump(exclude={"max_minutes", "max_steps", "clock", "keep_checkpoints", "eval_batch_size",
+                                            "train_for"})  # train_for: the loop's choice of solver, keyed below
+    parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
+    if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
+        parts.append(solver)
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -113,8 +119,12 @@ def fine_tune(
     engine: Engine = "ray",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    solver: str = "ddim",
 ) -> FineTuneResult:
     """Fine-tune `student` on the N sigmas of `schedule` against the frozen `teacher` (one Phase-2 round).
+
+    `solver` is the sampler the student is trained for and scored with: DDIM (Euler), or iPNDM, whose
+    multistep updates the per-step targets account for (`fewstep_search.phase2.steps`).
 
     Writes checkpoints under `out_dir` and the result `out_dir/model.safetensors` (the EMA weights of exactly the
     module `trainable_module` returns); calling it again with the same `out_dir` resumes an interrupted round or
@@ -123,12 +133,15 @@ def fine_tune(
     """
     if engine not in ("ray", "local"):
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+    check_phase2_solver(solver)
+    if solver not in FIRST_ORDER_SOLVERS and (spec.teacher_forced_fraction > 0 or spec.end_to_end_weight > 0):
+        raise ValueError(f"teacher_forced_fraction and end_to_end_weight follow DDIM steps; the round trains {solver}")
     den = _check_trainable(student)
     sig = schedule.tensor()
     check_endpoints(bank, sig)
     root = Path(out_dir).resolve()  # Ray Train refuses relative checkpoint paths (make demo: --out runs/demo)
     sigmas = tuple(float(s) for s in schedule.sigmas)
-    key = _config_key(teacher, student, sigmas, spec)
+    key = _config_key(teacher, student, sigmas, spec, solver)
     done = root / ck.RESULT_FILE
     if done.is_file():
         data = json.loads(done.read_text())
@@ -137,10 +150,10 @@ def fine_tune(
         return FineTuneResult.from_dict(data, root)
     latest = ck.latest_checkpoint(root)
     cfg = WorkerConfig(
-        teacher=teacher, student=student, sigmas=sigmas, weights=tuple(step_weights(bank, sig).tolist()),
+        teacher=teacher, student=student, sigmas=sigmas, weights=tuple(step_weights(bank, sig, solver).tolist()),
         select=eval_bank(bank.select()), test=eval_bank(bank.test()), shape=bank.shape, spec=spec,
         out_dir=str(root), device=device, resume_from=None if latest is None else str(latest), config_key=key,
-        n_conditions=len(den.conditions) if is_conditional(den) else 0,
+        n_conditions=len(den.conditions) if is_conditional(den) else 0, solver=solver,
     )
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

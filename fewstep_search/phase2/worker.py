@@ -64,6 +64,7 @@ class WorkerConfig:
     resume_from: str | None = None
     config_key: str = ""
     n_conditions: int = 0
+    solver: str = "ddim"
 
 
 class WorkerContext(Protocol):
@@ -164,8 +165,8 @@ def _evaluate(den: Any, cfg: WorkerConfig, device: torch.device) -> dict[str, fl
     bs = cfg.spec.eval_batch_size
     with torch.no_grad():
         return {
-            "select_error": float(true_error(den, cfg.select.to(device), sig, batch_size=bs)),
-            "test_error": float(true_error(den, cfg.test.to(device), sig, batch_size=bs)),
+            "select_error": float(true_error(den, cfg.select.to(device), sig, solver=cfg.solver, batch_size=bs)),
+            "test_error": float(true_error(den, cfg.test.to(device), sig, solver=cfg.solver, batch_size=bs)),
         }
 
 
@@ -349,7 +350,8 @@ def _step_loss(
         cond = None if cfg.n_conditions == 0 else torch.randint(0, cfg.n_conditions, (batch,), generator=g)
         cond = None if cond is None else cond.to(weights.device)
         bound = teacher if cond is None else dataclasses.replace(teacher, teacher=bind_condition(teacher.teacher, cond))
-        states, targets = student_state_targets(_student_fn(module, cond, autocast), bound.target, x, cfg.sigmas)
+        states, targets = student_state_targets(_student_fn(module, cond, autocast), bound.target, x, cfg.sigmas,
+                                                solver=cfg.solver)
         return fixed_state_loss(_student_fn(model, cond, autocast), states, targets, cfg.sigmas, weights)
     idx = pool.indices(step, batch)
     x, cond = pool.x[idx.to(pool.x.device)], pool.conditions(idx)
@@ -362,7 +364,7 @@ def _step_loss(
             first = pool.first_targets(teacher, todo) if spec.cache_first_target else None
             bare = _student_fn(module, pool.conditions(todo), autocast)
             return student_state_targets(bare, pool.teacher_for(teacher, todo).target, pool.x[todo.to(pool.x.device)],
-                                         cfg.sigmas, first_target=first)
+                                         cfg.sigmas, first_target=first, solver=cfg.solver)
 
         if spec.target_reuse > 1:
             states, targets = pool.reused_targets(idx, step, batch, spec.target_reuse, compute)

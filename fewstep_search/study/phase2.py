@@ -49,6 +49,11 @@ class Phase2Spec(Strict):
         default=0.0, ge=0, le=1, description="share of the budget trained on the teacher's own trajectory first"
     )
     end_to_end_weight: float = Field(default=0.0, ge=0, description="weight of ||x0_hat - x0*||^2")
+    train_for: Literal["first_order", "winner"] = Field(
+        default="first_order", description="the sampler a round trains for: first_order (DDIM: the winner when "
+        "it is first order, else the best first-order candidate) or winner (the search winner's solver when "
+        "Phase-2 can train it: DDIM, Euler, iPNDM; docs/phase2.md measures both)"
+    )
     dropout: bool = Field(default=False, description="student in train mode (dropout on) while fine-tuning")
     autocast: bool = Field(default=True, description="bfloat16 autocast for the student on CUDA (never on CPU)")
     steps_per_epoch: int = Field(default=10, ge=1, description="a checkpoint and an evaluation after each epoch")
