@@ -47,10 +47,11 @@ def run_job(nfe: int, minutes: float, out: Path) -> tuple[dict[str, Any], float]
     study = out / f"study_{minutes:g}min.toml"
     atomic_write_text(study, study_text(minutes))
     run_dir = out / f"n{nfe}_{minutes:g}min"
-    cmd = [sys.executable, "-m", "fewstep_search.cli", "run", "--budget", str(nfe), "--rounds", "1",
-           "--study", str(study), "--out", str(run_dir), "--quiet"]
+    cmd = [sys.executable, "-m", "fewstep_search.cli", "run", "--out", str(run_dir), "--quiet"]
     if (run_dir / "config.json").is_file():
-        cmd.append("--resume")
+        cmd.append("--resume")  # the run's own recorded config
+    else:
+        cmd += ["--budget", str(nfe), "--rounds", "1", "--study", str(study)]
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     return json.loads((run_dir / "results.json").read_text()), time.perf_counter() - t
