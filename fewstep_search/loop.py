@@ -123,13 +123,16 @@ class _Run:
         self.notes.append(line)
         self.reporter.note(line)
 
-    def bank(self) -> Bank:
+    def bank(self, *, sharded: bool) -> Bank:
+        """The teacher's bank: the run folder's when it matches the study, else built (as Ray shards in the
+        run folder when `sharded` and `bank.sharded`: resumable) and saved."""
         t0 = time.perf_counter()
         self.reporter.phase("reference bank")
         bank, built = cached_or_built_bank(
             self.teacher, self.config, load=self.rundir.load_bank, save=self.rundir.save_bank,
             sigma_min=self.sigma_min, sigma_max=self.sigma_max, shape=self.shape,
-            progress=self.reporter.progress, notes=(notes := []),
+            progress=self.reporter.progress, notes=(notes := []), source=self.teacher_source,
+            shards=self.rundir.path / "bank_shards" if sharded else None,
         )
         for line in notes:
             self.note(line)
@@ -247,7 +250,6 @@ def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None =
     reporter = reporter or QuietReporter()
     options = options or LoopOptions()
     run = _Run(config, rundir, options, reporter)
-    bank = run.bank()
     rounds = config.rounds
     if rounds > 0 and trainable_module(run.teacher) is None:
         run.note(f"model {config.model.model_id} has no trainable weights: Phase-1 only (no Phase-2 rounds)")
@@ -258,8 +260,10 @@ def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None =
 
         s = config.search
         session = ray_session(workers=s.workers, address=s.address)
-    with session:
-        return _rounds(run, bank, rounds)
+    elif config.bank.sharded:
+        run.note("bank.sharded needs Ray: the in-process engine builds the bank in this process")
+    with session:  # Ray starts once: the sharded bank, the search and Phase-2 share it
+        return _rounds(run, run.bank(sharded=options.engine == "ray"), rounds)
 
 
 def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:

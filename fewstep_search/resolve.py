@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fewstep_search.bank import Bank, build_bank
+from fewstep_search.bank import Bank, build_bank, plan_for
 from fewstep_search.denoiser import Denoiser, is_conditional, sigma_range
 from fewstep_search.models.source import ModelSource
 from fewstep_search.study import StudyConfig
@@ -138,17 +138,34 @@ def bank_expectation(config: StudyConfig, *, sigma_min: float, sigma_max: float,
 
 
 def build_study_bank(denoiser: Denoiser, config: StudyConfig, *, sigma_min: float, sigma_max: float,
-                     shape: tuple[int, ...], progress: bool) -> Bank:
+                     shape: tuple[int, ...], progress: bool, source: ModelSource | None = None,
+                     shards: Path | None = None) -> Bank:
+    """The study's bank: in this process, or (`bank.sharded`, with the model's `source` and a `shards` folder) as
+    shards built by Ray tasks, resumable, and assembled here (`fewstep_search.bank_shards`)."""
     b = config.bank
-    return build_bank(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
-                      model_id=config.model.model_id, progress=progress, device=config.device,
-                      **b.model_dump(exclude={"dtype"}), dtype=getattr(torch, b.dtype))
+    settings = b.model_dump(exclude={"dtype", "sharded"})
+    if not b.sharded or source is None or shards is None:
+        return build_bank(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
+                          model_id=config.model.model_id, progress=progress, device=config.device,
+                          **settings, dtype=getattr(torch, b.dtype))
+    from fewstep_search.bank_shards import build_bank_sharded
+
+    batch_size = settings.pop("batch_size")
+    plan = plan_for(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, dtype=b.dtype,
+                    model_id=config.model.model_id, **settings)
+    return build_bank_sharded(source, plan, shards, workers=config.search.workers, address=config.search.address,
+                              device=config.device,
+                              batch_size=batch_size, progress=progress)
 
 
 def cached_or_built_bank(denoiser: Denoiser, config: StudyConfig, *, load: Callable[[dict[str, Any]], tuple[
         Bank | None, str | None]], save: Callable[[Bank], None], sigma_min: float, sigma_max: float,
-        shape: tuple[int, ...], progress: bool, notes: list[str]) -> tuple[Bank, bool]:
-    """(bank, built): the cached bank when it matches the study, else a new one (saved), with a note why."""
+        shape: tuple[int, ...], progress: bool, notes: list[str], source: ModelSource | None = None,
+        shards: Path | None = None) -> tuple[Bank, bool]:
+    """(bank, built): the cached bank when it matches the study, else a new one (saved), with a note why.
+
+    With `bank.sharded` the new bank is built as shards in `shards` (a killed build resumes from them) and
+    the folder is removed once the assembled bank is saved."""
     n_cond = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
     expect = bank_expectation(config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape, n_conditions=n_cond)
     bank, why = load(expect)
@@ -157,6 +174,10 @@ def cached_or_built_bank(denoiser: Denoiser, config: StudyConfig, *, load: Calla
     if why is not None:
         notes.append(f"the cached bank was not reused ({why}); building a new one")
     bank = build_study_bank(denoiser, config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape,
-                            progress=progress)
+                            progress=progress, source=source, shards=shards)
     save(bank)
+    if shards is not None and config.bank.sharded:
+        import shutil
+
+        shutil.rmtree(shards, ignore_errors=True)
     return bank, True

@@ -199,3 +199,31 @@ def test_a_sigkilled_build_resumes_from_its_finished_shards(model, tmp_path: Pat
         build_shards(model, plan, folder, shard_size=2)
     assert all((folder / n).stat().st_mtime_ns == t for n, t in kept.items())
     _same_bank(assemble_from_shards(plan, folder), _reference(model, plan), states=False)
+
+
+def test_a_study_with_bank_sharded_builds_through_shards_and_gets_the_same_bank(ray_local, tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """What the loop does with `bank.sharded = true` (inside its Ray session): the shards folder is built,
+    assembled into the bank the in-process build gives, and removed once the bank is saved."""
+    import fewstep_search.bank_shards as shards_mod
+    from fewstep_search.models.loading import load_model
+    from fewstep_search.resolve import cached_or_built_bank
+    from fewstep_search.study import StudyConfig
+
+    calls: list[Path] = []
+    real = shards_mod.build_bank_sharded
+    monkeypatch.setattr(shards_mod, "build_bank_sharded", lambda *a, **k: calls.append(Path(a[2])) or real(*a, **k))
+    banks = {}
+    for sharded in (False, True):
+        config = StudyConfig.model_validate({
+            "nfe": 3, "model": {"kind": "mixture", "options": {"dim": 8}},
+            "bank": {"n_trajectories": 20, "grid_size": 12, "substeps": 1, "probes": 1, "sharded": sharded}})
+        saved: list = []
+        source = ModelSource(kind="mixture", options={"dim": 8})
+        banks[sharded], built = cached_or_built_bank(
+            load_model("mixture", options={"dim": 8}), config, load=lambda expect: (None, None), save=saved.append,
+            sigma_min=0.002, sigma_max=80.0, shape=(8,), progress=False, notes=[], source=source,
+            shards=tmp_path / "bank_shards")
+        assert built and saved == [banks[sharded]]
+    assert calls == [tmp_path / "bank_shards"] and not (tmp_path / "bank_shards").exists()
+    _same_bank(banks[True], banks[False])

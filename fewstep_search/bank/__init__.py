@@ -6,7 +6,7 @@ chunk by chunk (streaming: each chunk is projected and cast before the next is s
 by shard.
 """
 
-from fewstep_search.bank.build import BankPlan, build_bank, log_grid, solve_chunk
+from fewstep_search.bank.build import BankPlan, build_bank, log_grid, plan_for, solve_chunk
 from fewstep_search.bank.container import SPLIT_NAMES, Bank, BankMismatchError, load_bank
 from fewstep_search.bank.memory import estimate_bank_bytes
 
@@ -19,5 +19,6 @@ __all__ = [
     "estimate_bank_bytes",
     "load_bank",
     "log_grid",
+    "plan_for",
     "solve_chunk",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from fewstep_search.schedules import check_range
 from fewstep_search.solvers import rk4_interval
 
 __all__ = [
+    "plan_for",
     "BankAssembler",
     "BankPlan",
     "ChunkResult",
@@ -320,6 +322,21 @@ def assemble(plan: BankPlan, chunks: Sequence[ChunkResult]) -> Bank:
     return out.bank()
 
 
+def plan_for(denoiser: Denoiser, *, shape: tuple[int, ...], dtype: torch.dtype | str = torch.float64,
+             keep_states: bool | None = None, **settings: Any) -> BankPlan:
+    """The `BankPlan` that `build_bank(denoiser, shape=..., **settings)` solves (the sharded build takes it too).
+
+    `keep_states=None` keeps the states when they fit in 256 MiB; a conditional model's conditions are counted.
+    """
+    dtype_name = str(dtype).removeprefix("torch.")
+    numel = int(np.prod(shape))
+    item = 4 if dtype_name == "float32" else 8
+    k, m = settings.get("n_trajectories", 256), settings.get("grid_size", 128)
+    keep = k * m * numel * item <= _STATES_IN_MEMORY_BYTES if keep_states is None else keep_states
+    n_cond = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
+    return BankPlan(shape=tuple(shape), dtype=dtype_name, keep_states=keep, n_conditions=n_cond, **settings)
+
+
 def build_bank(
     denoiser: Denoiser,
     *,
@@ -358,17 +375,12 @@ def build_bank(
         model_id: recorded in the metadata and checked when the bank is loaded again.
     A conditional model (one that advertises `conditions`) gets its trajectories spread over the conditions.
     """
-    dtype_name = str(dtype).removeprefix("torch.")
-    numel = int(np.prod(shape))
-    item = 4 if dtype_name == "float32" else 8
-    keep = n_trajectories * grid_size * numel * item <= _STATES_IN_MEMORY_BYTES if keep_states is None else keep_states
     den = denoiser if isinstance(denoiser, CheckedDenoiser) else CheckedDenoiser(denoiser)
-    n_cond = len(den.conditions) if is_conditional(den) else 0  # type: ignore[attr-defined]
-    plan = BankPlan(
-        shape=tuple(shape), sigma_min=sigma_min, sigma_max=sigma_max, n_trajectories=n_trajectories,
+    plan = plan_for(
+        den, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, n_trajectories=n_trajectories,
         grid_size=grid_size, select_fraction=select_fraction, test_fraction=test_fraction, substeps=substeps,
-        probes=probes, gain_substeps=gain_substeps, seed=seed, dtype=dtype_name, project_dim=project_dim,
-        store_float16=store_float16, keep_states=keep, n_conditions=n_cond, model_id=model_id,
+        probes=probes, gain_substeps=gain_substeps, seed=seed, dtype=dtype, keep_states=keep_states,
+        store_float16=store_float16, project_dim=project_dim, model_id=model_id,
     )
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -105,6 +105,10 @@ class BankSpec(Strict):
     dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
     batch_size: int | None = Field(default=None, ge=1, description="trajectories per chunk (memory only)")
+    sharded: bool = Field(
+        default=False, description="build the bank as resumable shards, one Ray task per shard on the run's Ray "
+        "(all its CPUs, one torch thread each; one GPU each on cuda); false: in the run's own process"
+    )
     keep_states: bool | None = Field(default=None, description="default: when they fit in 256 MiB")
     store_float16: bool = False
     project_dim: int | None = Field(default=None, ge=1)
@@ -116,8 +120,9 @@ class BankSpec(Strict):
         return self
 
     def identity(self) -> dict[str, Any]:
-        """The settings that determine the bank's contents (batch_size only moves memory, not results)."""
-        return self.model_dump(exclude={"batch_size"})
+        """The settings that determine the bank's contents (batch_size and sharded move memory and time, not
+        results: a sharded build equals the single-process one to float round-off)."""
+        return self.model_dump(exclude={"batch_size", "sharded"})
 
 
 class StudyConfig(Strict):
