@@ -267,6 +267,10 @@ def scaling_kwargs(device: str, *, workers: int, cpus: int) -> dict[str, Any]:
     return {"num_workers": workers, "use_gpu": False, "resources_per_worker": {"CPU": cpus}}
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's checkpoint record in the run folder (Ray 2.x, `ray.train.v2`)."""
+
+
 def _run_ray(cfg: WorkerConfig, spec: Phase2Spec, device: str) -> dict[str, Any]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -290,6 +294,10 @@ def _run_ray(cfg: WorkerConfig, spec: Phase2Spec, device: str) -> dict[str, Any]
                 checkpoint_config=CheckpointConfig(num_to_keep=None), failure_config=FailureConfig(max_failures=0),
             ),
         )
+        # Ray Train's own record of the run lists every epoch it saw, including those `prune_checkpoints` has
+        # deleted, and refuses to restart from it ("corrupted run directory"); the round resumes from its own
+        # newest checkpoint (`cfg.resume_from`), so Ray's record is not needed.
+        (Path(cfg.out_dir).resolve() / ck.CHECKPOINTS / RAY_SNAPSHOT).unlink(missing_ok=True)
         trainer.fit()
         return _load_summary(Path(cfg.out_dir))
     finally:
