@@ -162,7 +162,7 @@ def student_state_targets(
     for j in range(len(sigmas) - 1):
         states.append(x)
         d_bar = first_target if (j == 0 and first_target is not None) else target(x, j)
-        targets.append(chain.target(j, x, d_bar.to(x.dtype)) if not chain.first_order else d_bar)
+        targets.append(chain.target(j, x, d_bar))
         d = student(x, _sigma_batch(x, sigmas[j]))
         x = chain.advance(j, x, d.to(x.dtype))
     return torch.stack(states), torch.stack(targets)

@@ -75,7 +75,7 @@ class SamplerChain:
             return d_bar
         r = self.sigmas[j + 1] / self.sigmas[j]
         base, gain = self.affine(j, x)
-        return (r * x + (1 - r) * d_bar - base) / gain
+        return (r * x + (1 - r) * d_bar.to(x.dtype) - base) / gain
 
     def advance(self, j: int, x: Tensor, d: Tensor) -> Tensor:
         """x_{j+1} from the state x and the output d at sigmas[j] (records d's eps for the next steps)."""
