@@ -262,8 +262,10 @@ def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None =
         session = ray_session(workers=s.workers, address=s.address)
     elif config.bank.sharded:
         run.note("bank.sharded needs Ray: the in-process engine builds the bank in this process")
-    with session:  # Ray starts once: the sharded bank, the search and Phase-2 share it
-        return _rounds(run, run.bank(sharded=options.engine == "ray"), rounds)
+    sharded = options.engine == "ray" and config.bank.sharded
+    bank = None if sharded else run.bank(sharded=False)  # built before Ray starts: its idle processes cost CPU
+    with session:  # Ray starts once: the sharded bank (when asked for), the search and Phase-2 share it
+        return _rounds(run, bank if bank is not None else run.bank(sharded=True), rounds)
 
 
 def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
