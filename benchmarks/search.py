@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import platform
@@ -34,12 +35,12 @@ from _banks import MODELS, cached_bank
 from fewstep_search.bank import Bank
 from fewstep_search.phase1.budget import auto_fit_trajectories
 from fewstep_search.phase1.chains import Chain, DPThenAdam, Stage
-from fewstep_search.phase1.engine import Phase1Result, TieredExecutor, TrialContext, run_phase1
+from fewstep_search.phase1.engine import Phase1Result, TrialContext, run_phase1
 from fewstep_search.phase1.optimizers import LBFGSB, Adam
 from fewstep_search.phase1.parameterizations import Logits
 from fewstep_search.phase1.portfolio import trial_specs
 from fewstep_search.phase1.problem import Problem
-from fewstep_search.phase1.ray_tune import RayTuneExecutor
+from fewstep_search.phase1.ray_tune import tiered_executor
 from fewstep_search.phase1.select import by_family
 from fewstep_search.phase1.trials import score_schedule
 from fewstep_search.ray_runtime import ray_session
@@ -65,19 +66,26 @@ def _oracle(den: Any, bank: Bank, nfe: int, steps: int) -> float:
     return best[1]
 
 
-def _search(bank: Bank, kind: str, nfe: int, workers: int, pruning: bool) -> tuple[Phase1Result, float]:
-    spec = SearchSpec(pruning=PruningSpec(enabled=pruning))
+def _search(bank: Bank, kind: str, nfe: int, workers: int, pruning: bool,
+            seconds: float | None, cheap_on_ray: bool = True) -> tuple[Phase1Result, float, dict[str, float]]:
+    spec = SearchSpec(pruning=PruningSpec(enabled=pruning), **({} if seconds is None else {"seconds": seconds}))
     specs = trial_specs(spec, budget=nfe)
-    executor = TieredExecutor(costly=RayTuneExecutor(workers=workers, pruning=spec.pruning,
-                                                     name=f"bench_{kind}_{nfe}_{pruning}"))
+    executor = tiered_executor(spec.model_copy(update={"workers": workers}), name=f"bench_{kind}_{nfe}_{pruning}",
+                               cheap_on_ray=cheap_on_ray)
     t = time.perf_counter()
+    arrived: dict[str, float] = {}
     result = run_phase1(specs, bank=bank, model=MODELS[kind]["source"],
                         context=TrialContext(nfe=nfe, fit_trajectories=auto_fit_trajectories(
                             MODELS[kind]["source"].load(), bank.fit(), nfe,
                             seconds_per_evaluation=spec.seconds_per_evaluation),
-                            trial_seconds=spec.trial_seconds or None),
-                        executor=executor)
-    return result, time.perf_counter() - t
+                            trial_seconds=spec.trial_seconds or None, search_seconds=spec.seconds or None),
+                        executor=executor, on_record=lambda r: arrived.setdefault(r.spec.key, time.perf_counter() - t))
+    return result, time.perf_counter() - t, arrived
+
+
+def _budget(seconds: float | None) -> str:
+    value = SearchSpec().seconds if seconds is None else seconds
+    return f"{value:g} s" if value else "none"
 
 
 def _kind_times(result: Phase1Result) -> dict[str, tuple[float, float, int]]:
@@ -86,6 +94,14 @@ def _kind_times(result: Phase1Result) -> dict[str, tuple[float, float, int]]:
         if r.state == "COMPLETE":
             out["heuristic" if r.spec.is_baseline else r.spec.optimizer].append(r.seconds)
     return {k: (sum(v), max(v), len(v)) for k, v in out.items()}
+
+
+def _trial_rows(result: Phase1Result, arrived: dict[str, float], prefix: str) -> list[str]:
+    done = sorted((r for r in result.records if r.state == "COMPLETE"), key=lambda r: r.select_error)
+    rows = [f"{prefix} {r.spec.label} | {r.select_error:.4f} | {r.test_error:.4f} | "
+            f"{int(r.metrics.get('evaluations', 0))}{'*' if r.stopped_early else ''} | {r.seconds:.1f} | "
+            f"{arrived.get(r.spec.key, math.nan):.1f} |" for r in done]
+    return rows + [f"{prefix} {label} (not run: budget spent) | - | - | 0 | - | - |" for label in result.not_run]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,14 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oracle-steps", type=int, default=0, help="Adam steps per oracle start (0: no oracle)")
     ap.add_argument("--cache", type=Path, default=Path("runs/benchmark_banks"), help="where banks are kept")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    ap.add_argument("--trials", action="store_true", help="also a table of every trial")
+    ap.add_argument("--seconds", type=float, nargs="+", default=[None],
+                    help="search.seconds values, the whole search's wall-time budget, one search each (default: the "
+                         "study default; 0: none)")
+    ap.add_argument("--cheap-in-driver", action="store_true", help="run the cheap tier in the driver, not on Ray")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     args.cache.mkdir(parents=True, exist_ok=True)
-    quality = ["| model | N | early stop | best heuristic | " + " | ".join(FAMILIES)
+    quality = ["| model | N | early stop, search budget | best heuristic | " + " | ".join(FAMILIES)
                + " | winner | oracle | winner / oracle | search s |",
                "|---|---|---|---|" + "---|" * len(FAMILIES) + "---|---|---|---|"]
-    timing = ["| model | N | early stop | trial kind | trials | summed trial s | longest trial s |",
+    timing = ["| model | N | early stop, search budget | trial kind | trials | summed trial s | longest trial s |",
               "|---|---|---|---|---:|---:|---:|"]
+    per_trial = ["| model | N | early stop, search budget | trial | select E | test E | evaluations | trial s "
+                 "| done at s |",
+                 "|---|---|---|---|---:|---:|---:|---:|---:|"]
     t = time.perf_counter()
     with ray_session(workers=args.workers):
         ray_start = time.perf_counter() - t
@@ -114,13 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             bank = cached_bank(kind, den, args.cache)
             for n in args.budgets:
                 oracle = _oracle(den, bank, n, args.oracle_steps) if args.oracle_steps else math.nan
-                for pruning in {"on": (True,), "off": (False,), "both": (True, False)}[args.pruning]:
-                    result, seconds = _search(bank, kind, n, args.workers, pruning)
+                for pruning, budget in itertools.product(
+                        {"on": (True,), "off": (False,), "both": (True, False)}[args.pruning], args.seconds):
+                    result, seconds, arrived = _search(bank, kind, n, args.workers, pruning, budget,
+                                                       cheap_on_ray=not args.cheap_in_driver)
                     fam = by_family(result.records)
                     heur, win = result.best_heuristic, result.winner
                     assert heur is not None
                     cells = [f"{fam[f].test_error:.4f}" if f in fam else "-" for f in FAMILIES]
-                    flag = "on" if pruning else "off"
+                    flag = ("on" if pruning else "off") + f", budget {_budget(budget)}"
                     quality.append(
                         f"| {kind} | {n} | {flag} | {heur.test_error:.4f} ({heur.spec.start}) | " + " | ".join(cells)
                         + f" | {win.test_error:.4f} ({win.spec.optimizer}) | {oracle:.4f} | "
@@ -128,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(quality[-1], file=sys.stderr)
                     for k, (total, longest, count) in sorted(_kind_times(result).items()):
                         timing.append(f"| {kind} | {n} | {flag} | {k} | {count} | {total:.1f} | {longest:.1f} |")
+                    if args.trials:
+                        per_trial.extend(_trial_rows(result, arrived, f"| {kind} | {n} | {flag} |"))
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     text = "\n".join([
         "Test E (mean ||x0_hat - x0*|| over the bank's test trajectories, first-order solver). Every pick (the "
@@ -135,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "trajectories.", "", *quality, "",
         f"Where the time goes ({args.workers} workers; Ray started once in {ray_start:.1f} s, not counted).", "",
         *timing, "",
+        *(["Every trial (sorted by select E; `*`: stopped early).", "", *per_trial, ""] if args.trials else []),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load[0]:.1f} at the end; "
         f"torch {torch.__version__}. Command: `python benchmarks/search.py "
         f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",

@@ -29,7 +29,7 @@ from fewstep_search.bank import Bank
 from fewstep_search.bank.student import student_bank
 from fewstep_search.denoiser import Denoiser
 from fewstep_search.models.source import ModelSource, trainable_module
-from fewstep_search.phase1.engine import Executor, InProcessExecutor, TieredExecutor, TrialContext, run_phase1
+from fewstep_search.phase1.engine import Executor, InProcessExecutor, TrialContext, run_phase1
 from fewstep_search.phase1.portfolio import trial_specs
 from fewstep_search.phase1.record import OptunaRecord, sqlite_url
 from fewstep_search.phase1.registry import OptimizerFactory
@@ -147,12 +147,9 @@ class _Run:
         s = self.config.search
         if self.options.engine == "local":
             return InProcessExecutor(pruning=s.pruning, max_failures=s.max_failures)
-        from fewstep_search.phase1.ray_tune import RayTuneExecutor
+        from fewstep_search.phase1.ray_tune import tiered_executor
 
-        ray = RayTuneExecutor(workers=s.workers, address=s.address, max_failures=s.max_failures,
-                              cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
-                              pruning=s.pruning, storage_path=self.rundir.path / "tune", name=f"round_{r}")
-        return TieredExecutor(costly=ray, cheap=InProcessExecutor(max_failures=s.max_failures))
+        return tiered_executor(s, storage_path=self.rundir.path / "tune", name=f"round_{r}")
 
     def fit_trajectories(self, bank: Bank) -> int | None:
         """The search's `fit_trajectories`, 'auto' measured once per run (on the teacher) and said in one line."""
@@ -197,10 +194,15 @@ class _Run:
                                 context=TrialContext(nfe=self.config.nfe, batch_size=self.config.bank.batch_size,
                                                      fit_trajectories=self.fit_trajectories(bank),
                                                      trial_seconds=self.config.search.trial_seconds or None,
+                                                     search_seconds=self.config.search.seconds or None,
                                                      device=self.config.device,
                                                      extra_optimizers=self.options.extra_optimizers),
                                 executor=self.executor(r), previous=previous, on_record=on_record,
                                 tie_tolerance=self.config.search.tie_tolerance)
+        if result.not_run:
+            self.note(f"round {r}: the search's budget (search.seconds = {self.config.search.seconds:g}) ended "
+                      f"before {len(result.not_run)} costly trials started: {', '.join(result.not_run)} "
+                      "(search.seconds = 0 runs every trial)")
         if result.resumed:
             self.note(f"round {r}: {result.resumed} of {len(self.specs)} trials were read back from the Optuna "
                       f"record {name}")

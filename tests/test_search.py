@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fewstep_search.bank import Bank, build_bank
 from fewstep_search.loop import LoopOptions, run_loop
@@ -129,7 +130,7 @@ def _fault_optimizers(marker: Path) -> dict[str, Any]:
     return {"fails_once": FailsOnce, "always_fails": AlwaysFails}
 
 
-@pytest.mark.parametrize("engine", ["ray", "local"])
+@pytest.mark.parametrize("engine", ["ray", "ray_tasks", "local"])
 def test_a_flaky_trial_is_retried_and_a_broken_one_is_recorded_failed(
     ray_cluster: None, tmp_path: Path, tiny_bank: Bank, engine: str
 ) -> None:
@@ -142,8 +143,12 @@ def test_a_flaky_trial_is_retried_and_a_broken_one_is_recorded_failed(
              TrialSpec(optimizer="always_fails", objective="direct", start="edm"),
              TrialSpec(optimizer="none", objective="direct", start="vp_time_quadratic")]
     record = OptunaRecord(sqlite_url(tmp_path / "optuna.db"), "faults", optimizers=extra)
-    executor = (RayTuneExecutor(workers=2, max_failures=1, storage_path=tmp_path / "tune", name="faults")
-                if engine == "ray" else InProcessExecutor(max_failures=1))
+    from fewstep_search.phase1.ray_tasks import RayTaskExecutor
+
+    executor = {"ray": lambda: RayTuneExecutor(workers=2, max_failures=1, storage_path=tmp_path / "tune",
+                                               name="faults"),
+                "ray_tasks": lambda: RayTaskExecutor(workers=2, max_failures=1),
+                "local": lambda: InProcessExecutor(max_failures=1)}[engine]()
     result = run_phase1(specs, bank=tiny_bank, model=ModelSource.of(builtin_mixture(dim=8)),
                         context=TrialContext(nfe=NFE, extra_optimizers=extra), executor=executor,
                         on_record=record.add)
@@ -225,8 +230,10 @@ def test_fit_trajectories_caps_what_the_true_error_objective_solves(tiny_bank: B
     assert set(during) == {5} and n_fit > 5
     full = run_trial(spec, bank=tiny_bank, denoiser=inner, nfe=NFE)
     assert capped.metrics["fit_error"] != full.metrics["fit_error"]  # the optimum moved: it saw other data
-    again = score_schedule(inner, tiny_bank, capped.schedule)  # type: ignore[arg-type]
-    assert capped.metrics["fit_error"] == pytest.approx(again["fit_error"], rel=1e-12)  # reported on all of fit
+    subset = tiny_bank.fit().subset(torch.arange(5))
+    again = score_schedule(inner, tiny_bank, capped.schedule, fit=subset)  # type: ignore[arg-type]
+    assert capped.metrics["fit_error"] == pytest.approx(again["fit_error"], rel=1e-12)  # on the subset it solved
+    assert again["select_error"] == pytest.approx(capped.metrics["select_error"], rel=1e-12)
 
 
 def test_start_best_refines_the_best_cheap_trial_picked_on_select(tiny_bank: Bank) -> None:
@@ -326,3 +333,53 @@ def test_default_portfolio_covers_every_optimizer_family_cheap_trials_first() ->
     assert len({s.key for s in specs}) == len(specs)
     costly = [s.is_costly for s in specs]
     assert costly == sorted(costly)  # every cheap trial before the first costly one
+
+
+def _budget_specs() -> list[TrialSpec]:
+    return baseline_specs(["edm", "vp_time_quadratic"]) + [
+        TrialSpec(optimizer="adam", objective="direct", start="edm", hyper={"steps": 10**6}),
+        TrialSpec(optimizer="adam", objective="direct", start="vp_time_quadratic", hyper={"steps": 10**6}),
+        TrialSpec(optimizer="adam", objective="direct", start="best", hyper={"steps": 10**6}),
+    ]
+
+
+def test_costly_trials_start_with_the_most_promising_start(tiny_bank: Bank) -> None:
+    from fewstep_search.phase1.select import by_start_quality
+
+    specs = _budget_specs()
+    base = run_phase1(specs[:2], bank=tiny_bank, model=ModelSource.of(builtin_mixture(dim=8)),
+                      context=TrialContext(nfe=NFE), executor=InProcessExecutor()).records
+    ordered = by_start_quality(specs[2:], base)
+    quality = {r.spec.start: r.select_error for r in base}
+    quality["best"] = min(quality.values())  # start "best" is the best cheap trial
+    assert quality["edm"] != quality["vp_time_quadratic"]
+    assert [quality[s.start] for s in ordered] == sorted(quality[s.start] for s in specs[2:])
+    unscored = TrialSpec(optimizer="adam", objective="direct", start="log_uniform")
+    assert by_start_quality([unscored, *specs[2:]], base)[-1] is unscored
+
+
+def test_the_search_budget_ends_running_trials_and_starts_no_more(tiny_bank: Bank) -> None:
+    model = ModelSource.of(builtin_mixture(dim=8))
+    spent = run_phase1(_budget_specs(), bank=tiny_bank, model=model,
+                       context=TrialContext(nfe=NFE, search_seconds=1e-6), executor=InProcessExecutor())
+    assert all(not r.spec.is_costly for r in spent.records) and len(spent.records) == 2  # every cheap trial ran
+    assert len(spent.not_run) == 3 and spent.summary()["not_run"] == spent.not_run
+    # A budget the cheap trials leave room in: the first costly trial (start "best") runs until the budget ends
+    # (its iteration cap is out of reach), then none starts.
+    some = run_phase1(_budget_specs(), bank=tiny_bank, model=model,
+                      context=TrialContext(nfe=NFE, search_seconds=3.0), executor=InProcessExecutor())
+    costly = [r for r in some.records if r.spec.is_costly]
+    assert [r.spec.start for r in costly] == ["best"] and costly[0].stopped_early
+    assert len(some.not_run) == 2 and not any("best" in label for label in some.not_run)
+
+
+def test_ray_trials_that_find_the_budget_spent_leave_no_record(ray_cluster: None, tmp_path: Path,
+                                                              tiny_bank: Bank) -> None:
+    from fewstep_search.phase1.ray_tune import RayTuneExecutor
+
+    seen: list[TrialRecord] = []
+    result = run_phase1(_budget_specs(), bank=tiny_bank, model=ModelSource.of(builtin_mixture(dim=8)),
+                        context=TrialContext(nfe=NFE, search_seconds=1e-6), on_record=seen.append,
+                        executor=RayTuneExecutor(workers=2, storage_path=tmp_path / "tune", name="budget"))
+    assert len(seen) == 2 and not any(r.spec.is_costly for r in seen)
+    assert len(result.not_run) == 3

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,13 +30,15 @@ from fewstep_search.phase1.select import (
     DEFAULT_TIE_TOLERANCE,
     best_heuristic,
     best_starts,
+    by_start_quality,
     candidate_row,
     select_winner,
 )
 from fewstep_search.phase1.trials import BEST_START, Progress, TrialRecord, TrialSpec, run_trial
 from fewstep_search.study.search import PruningSpec
 
-__all__ = ["TrialContext", "Executor", "InProcessExecutor", "TieredExecutor", "Phase1Result", "run_phase1"]
+__all__ = ["TrialContext", "Executor", "InProcessExecutor", "TieredExecutor", "Phase1Result", "run_phase1",
+           "past_deadline"]
 
 OnRecord = Callable[[TrialRecord], None]
 
@@ -50,6 +53,10 @@ class TrialContext:
     """The true-error objective solves this many fit trajectories per evaluation (None: all of them)."""
     trial_seconds: float | None = None
     """Wall-time budget of each costly trial (None: only the optimizers' own budgets)."""
+    search_seconds: float | None = None
+    """Wall-time budget of the whole `run_phase1` call (None: none); run_phase1 turns it into `deadline`."""
+    deadline: float | None = None
+    """`time.time()` after which no costly trial starts and running ones end (set by run_phase1)."""
     starts: Mapping[str, list[float]] = field(default_factory=dict)
     """Schedules for start "best" (`select.best_starts` of the cheap trials); run_phase1 fills it in."""
     device: str = "cpu"
@@ -61,6 +68,11 @@ class Executor(Protocol):
 
     def run(self, specs: Sequence[TrialSpec], *, bank: Bank, model: ModelSource, context: TrialContext,
             on_record: OnRecord) -> None: ...
+
+
+def past_deadline(deadline: float | None) -> bool:
+    """Whether the search's wall-time budget is spent (`deadline` is a `time.time()`, comparable across hosts)."""
+    return deadline is not None and time.time() >= deadline
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -102,6 +114,8 @@ class InProcessExecutor:
         study = self._study() if self.pruning is not None and self.pruning.enabled else None
         with frozen_weights(den):
             for spec in specs:
+                if spec.is_costly and past_deadline(context.deadline):
+                    continue  # not run: run_phase1 lists it
                 trial, progress = self._pruned_progress(study) if (study is not None and spec.is_costly) else (
                     None, None)
                 record = self._attempts(spec, dev_bank, den, context, progress)
@@ -116,7 +130,7 @@ class InProcessExecutor:
             try:
                 rec = run_trial(spec, bank=bank, denoiser=den, nfe=context.nfe, batch_size=context.batch_size,
                                 fit_trajectories=context.fit_trajectories, trial_seconds=context.trial_seconds,
-                                starts=context.starts,
+                                deadline=context.deadline, starts=context.starts,
                                 extra_optimizers=context.extra_optimizers, progress=progress,
                                 report_every=self.pruning.report_every if self.pruning else 10)
                 return TrialRecord(spec=rec.spec, state=rec.state, metrics=rec.metrics, schedule=rec.schedule,
@@ -185,6 +199,8 @@ class Phase1Result:
     winner: TrialRecord
     best_heuristic: TrialRecord | None
     resumed: int = 0
+    not_run: list[str] = field(default_factory=list)
+    """Labels of the costly trials the search's wall-time budget left unstarted (a resume runs them)."""
 
     def rows(self) -> list[dict[str, Any]]:
         """Each complete trial as a row (`select.candidate_row`), test ratios against the best heuristic."""
@@ -200,7 +216,8 @@ class Phase1Result:
         heur = None if self.best_heuristic is None else candidate_row(self.best_heuristic,
                                                                      reference=self.best_heuristic)
         return {"best": best, "best_heuristic": heur, "candidates": self.rows(), "failed": self.failed(),
-                "stopped_early": sum(r.stopped_early for r in self.records), "resumed_trials": self.resumed}
+                "stopped_early": sum(r.stopped_early for r in self.records), "resumed_trials": self.resumed,
+                "not_run": list(self.not_run)}
 
 
 def run_phase1(
@@ -232,7 +249,10 @@ def run_phase1(
         if on_record is not None:
             on_record(record)
 
-    # The cheap trials first, so a costly trial that starts from "best" refines the best of them.
+    if context.search_seconds:
+        context = dataclasses.replace(context, deadline=time.time() + context.search_seconds)
+    # The cheap trials first, so a costly trial that starts from "best" refines the best of them; then the costly
+    # ones, most promising start first, so that a wall-time budget cuts the least promising.
     cheap = [s for s in todo if not s.is_costly]
     costly = [s for s in todo if s.is_costly]
     if cheap:
@@ -240,8 +260,12 @@ def run_phase1(
     if costly:
         if any(s.start == BEST_START for s in costly):
             context = dataclasses.replace(context, starts={**best_starts(records), **context.starts})
+        costly = by_start_quality(costly, records)
         executor.run(costly, bank=bank, model=model, context=context, on_record=collect)
+    finished_now = {r.spec.key for r in records}
+    not_run = [s.label for s in costly if s.key not in finished_now]
     winner = select_winner(records, tie_tolerance=tie_tolerance)
     if not math.isfinite(winner.test_error):
         raise ValueError(f"the winning trial {winner.spec.label} has no finite test error")
-    return Phase1Result(records=records, winner=winner, best_heuristic=best_heuristic(records), resumed=len(done))
+    return Phase1Result(records=records, winner=winner, best_heuristic=best_heuristic(records), resumed=len(done),
+                        not_run=not_run)

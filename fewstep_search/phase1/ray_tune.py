@@ -22,15 +22,17 @@ from typing import Any
 from fewstep_search.bank import Bank
 from fewstep_search.bank.shared import SharedBank
 from fewstep_search.models.source import ModelSource, frozen_weights
-from fewstep_search.phase1.engine import OnRecord, TrialContext
+from fewstep_search.phase1.engine import InProcessExecutor, OnRecord, TieredExecutor, TrialContext, past_deadline
 from fewstep_search.phase1.trials import TrialRecord, TrialSpec, run_trial
 from fewstep_search.ray_runtime import ray_session
-from fewstep_search.study.search import PruningSpec
+from fewstep_search.study.search import PruningSpec, SearchSpec
 
-__all__ = ["RayTuneExecutor", "trial_resources"]
+__all__ = ["RayTuneExecutor", "trial_resources", "tiered_executor", "execute_trial", "worker_context"]
 
 _FINAL = "final"
 """Key of the last report of a trial that ran to its end (absent when the scheduler stopped it)."""
+_NOT_RUN = "not_run"
+"""Key of the one report of a trial that found the search's wall-time budget spent (no record: a resume runs it)."""
 
 
 def trial_resources(device: str, *, cpus: float, gpus: float) -> dict[str, float]:
@@ -41,27 +43,49 @@ def trial_resources(device: str, *, cpus: float, gpus: float) -> dict[str, float
     return res
 
 
-def _trainable(config: dict[str, Any], *, bank: SharedBank, model: ModelSource, context: dict[str, Any]) -> None:
-    """The Tune function trainable: one trial; intermediate reports for costly trials, then the final one."""
+def execute_trial(spec: TrialSpec, *, bank: SharedBank, model: ModelSource, context: dict[str, Any],
+                  progress: Any = None) -> TrialRecord:
+    """One trial in a Ray worker (a Tune trainable or a task): threads, the cached model, the bank's views."""
     import torch
-    from ray import tune
 
     torch.set_num_threads(context["threads"])
     den = model.load()
     dev_bank = bank.bank().to(context["device"])  # zero-copy views of the object store on CPU
+    with frozen_weights(den):
+        return run_trial(
+            spec, bank=dev_bank, denoiser=den, nfe=context["nfe"],
+            batch_size=context["batch_size"], fit_trajectories=context["fit_trajectories"],
+            trial_seconds=context["trial_seconds"], deadline=context["deadline"], starts=context["starts"],
+            extra_optimizers=context["extra_optimizers"],
+            progress=progress, report_every=context["report_every"],
+        )
+
+
+def worker_context(context: TrialContext, *, cpus_per_trial: float, pruning: PruningSpec | None) -> dict[str, Any]:
+    """What a worker needs of the search's context (plain data: it travels with every trial)."""
+    return {"nfe": context.nfe, "batch_size": context.batch_size, "device": context.device,
+            "fit_trajectories": context.fit_trajectories, "trial_seconds": context.trial_seconds,
+            "deadline": context.deadline, "starts": dict(context.starts),
+            "threads": max(1, int(cpus_per_trial)), "extra_optimizers": dict(context.extra_optimizers),
+            "pruning": pruning is not None and pruning.enabled,
+            "report_every": pruning.report_every if pruning else 10}
+
+
+def _trainable(config: dict[str, Any], *, bank: SharedBank, model: ModelSource, context: dict[str, Any]) -> None:
+    """The Tune function trainable: one trial; intermediate reports for costly trials, then the final one."""
+    from ray import tune
+
+    spec = TrialSpec.from_dict(config["trial"])
+    if spec.is_costly and past_deadline(context["deadline"]):
+        tune.report({"select_error": float("inf"), _NOT_RUN: 1, _FINAL: 1})  # the search's budget is spent
+        return
 
     def progress(step: int, report: dict[str, Any]) -> bool:
         tune.report({**report["metrics"], "record": json.dumps(report)})
         return True  # ASHA stops the trial from outside
 
-    with frozen_weights(den):
-        record = run_trial(
-            TrialSpec.from_dict(config["trial"]), bank=dev_bank, denoiser=den, nfe=context["nfe"],
-            batch_size=context["batch_size"], fit_trajectories=context["fit_trajectories"],
-            trial_seconds=context["trial_seconds"], starts=context["starts"],
-            extra_optimizers=context["extra_optimizers"],
-            progress=progress if context["pruning"] else None, report_every=context["report_every"],
-        )
+    record = execute_trial(spec, bank=bank, model=model, context=context,
+                           progress=progress if context["pruning"] else None)
     tune.report({**dict(record.metrics), "record": json.dumps(record.to_report()), _FINAL: 1})
 
 
@@ -91,7 +115,7 @@ def _collector(on_record: OnRecord) -> Any:
             return {"on_record": None}
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            if self.on_record is None:
+            if self.on_record is None or trial.last_result.get(_NOT_RUN):
                 return
             data = json.loads(trial.last_result["record"])
             data["attempts"] = int(trial.num_failures) + 1
@@ -148,12 +172,7 @@ class RayTuneExecutor:
 
         for spec in specs:  # fail in the driver, before any worker starts
             spec.validate(budget=context.nfe, extra_optimizers=context.extra_optimizers)
-        pruning = self.pruning is not None and self.pruning.enabled
-        ctx = {"nfe": context.nfe, "batch_size": context.batch_size, "device": context.device,
-               "fit_trajectories": context.fit_trajectories, "trial_seconds": context.trial_seconds,
-               "starts": dict(context.starts),
-               "threads": max(1, int(self.cpus_per_trial)), "extra_optimizers": dict(context.extra_optimizers),
-               "pruning": pruning, "report_every": self.pruning.report_every if self.pruning else 10}
+        ctx = worker_context(context, cpus_per_trial=self.cpus_per_trial, pruning=self.pruning)
         resources = trial_resources(context.device, cpus=self.cpus_per_trial, gpus=self.gpus_per_trial)
         with ray_session(workers=self.workers, address=self.address):
             trainable = tune.with_resources(
@@ -176,3 +195,22 @@ class RayTuneExecutor:
                 ),
             )
             tuner.fit()
+
+
+def tiered_executor(search: SearchSpec, *, storage_path: str | Path | None = None, name: str = "phase1",
+                    cheap_on_ray: bool = True) -> TieredExecutor:
+    """What the CLI runs: the cheap trials as Ray tasks, then the costly ones as a Tune experiment.
+
+    Why the cheap tier on Ray too: a heuristic or a one-shot peer costs well under a second to optimize but about
+    a second to score (a solve of the select and test trajectories), and one driver process with two torch
+    threads scores a small batch hardly faster than with one; Ray tasks (`ray_tasks.RayTaskExecutor`, not Tune:
+    no per-trial overhead to speak of) score `workers` trials at a time. `cheap_on_ray=False` runs them in the
+    driver.
+    """
+    from fewstep_search.phase1.ray_tasks import RayTaskExecutor
+
+    common = {"workers": search.workers, "address": search.address, "max_failures": search.max_failures,
+              "cpus_per_trial": search.cpus_per_trial, "gpus_per_trial": search.gpus_per_trial}
+    cheap = RayTaskExecutor(**common) if cheap_on_ray else InProcessExecutor(max_failures=search.max_failures)
+    costly = RayTuneExecutor(**common, pruning=search.pruning, storage_path=storage_path, name=name)
+    return TieredExecutor(costly=costly, cheap=cheap)

@@ -13,10 +13,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from fewstep_search.phase1.trials import TrialRecord, best_start_key
+from fewstep_search.phase1.trials import BEST_START, TrialRecord, TrialSpec, best_start_key
 
 __all__ = ["DEFAULT_TIE_TOLERANCE", "best_heuristic", "best_starts", "select_winner", "candidate_row", "by_family",
-           "complete"]
+           "by_start_quality", "complete"]
 
 DEFAULT_TIE_TOLERANCE = 1e-3
 """Select E within 0.1% of each other is a tie: below the Monte-Carlo noise of a 32-trajectory mean."""
@@ -59,6 +59,23 @@ def best_starts(records: Sequence[TrialRecord]) -> dict[str, list[float]]:
             best[r.spec.solver] = r
     return {best_start_key(s): [float(v) for v in r.schedule.sigmas] for s, r in best.items()
             if r.schedule is not None}
+
+
+def by_start_quality(specs: Sequence[TrialSpec], records: Sequence[TrialRecord]) -> list[TrialSpec]:
+    """`specs` ordered by the select E of their start (ties: "best" first, then file order; unscored last).
+
+    Why: under a wall-time budget the trials that refine the most promising points should run first. A start's
+    select E is that of its heuristic's baseline with the trial's solver, or for start "best" that of the best
+    cheap trial of the solver (what it refines).
+    """
+    quality: dict[tuple[str, str], float] = {}
+    for r in complete(records):
+        if r.spec.is_costly:
+            continue
+        keys = [(BEST_START, r.spec.solver)] + ([(r.spec.start, r.spec.solver)] if r.spec.is_baseline else [])
+        for key in keys:
+            quality[key] = min(quality.get(key, math.inf), r.select_error)
+    return sorted(specs, key=lambda s: (quality.get((s.start, s.solver), math.inf), s.start != BEST_START))
 
 
 def by_family(records: Sequence[TrialRecord]) -> dict[str, TrialRecord]:

@@ -249,14 +249,20 @@ class TrialRecord:
 
 def score_schedule(
     denoiser: Denoiser, bank: Bank, schedule: Schedule, *, solver: str = "ddim", batch_size: int | None = None,
-    parts: tuple[str, ...] = ("fit", "select", "test"),
+    parts: tuple[str, ...] = ("fit", "select", "test"), fit: Bank | None = None,
 ) -> dict[str, float]:
-    """E of a schedule on each of `parts` (`<part>_error`), and B_w, B_0 on test for first-order solvers."""
+    """E of a schedule on each of `parts` (`<part>_error`), and B_w, B_0 on test for first-order solvers.
+
+    `fit`: the trajectories scored as "fit" (default all of `bank.fit()`; a trial passes the subset its true-error
+    objective solves, which is what the fit E is for: the gap to select E shows over-fitting, at a fraction of
+    the cost of solving every fit trajectory once more per trial).
+    """
     s = schedule.tensor(device=bank.device)
     out: dict[str, float] = {}
     with torch.no_grad():
         for part in parts:
-            out[f"{part}_error"] = float(true_error(denoiser, bank.part(part), s, solver=solver, batch_size=batch_size))
+            data = fit if (part == "fit" and fit is not None) else bank.part(part)
+            out[f"{part}_error"] = float(true_error(denoiser, data, s, solver=solver, batch_size=batch_size))
         if "test" in parts:
             test = bank.test()
             first_order = solver in FIRST_ORDER_SOLVERS
@@ -294,6 +300,7 @@ def run_trial(
     batch_size: int | None = None,
     fit_trajectories: int | None = None,
     trial_seconds: float | None = None,
+    deadline: float | None = None,
     starts: Mapping[str, Sequence[float]] | None = None,
     extra_optimizers: Mapping[str, OptimizerFactory] | None = None,
     progress: Progress | None = None,
@@ -306,9 +313,11 @@ def run_trial(
     test); when it returns False the trial stops early and returns that schedule. Exceptions propagate (the
     engine records them as FAIL after its retries). `fit_trajectories`: the true-error objective solves only the
     first that many fit trajectories per evaluation (a fixed random subset: the split is random), the cost of a
-    costly trial divided by K_fit / fit_trajectories; the select set still decides and the full fit E is reported.
+    costly trial divided by K_fit / fit_trajectories; the select set still decides, and the fit E reported is on
+    that subset (every trial's, so that fit E compares across trials).
     `trial_seconds`: a costly trial ends at its first evaluation after this much wall time, with its best schedule
     (the optimizers' own budgets are caps: a cheap model reaches them, an expensive one the time first).
+    `deadline`: a `time.time()` (the search's budget) at which a costly trial ends the same way, whichever is first.
     `starts`: schedules by `best_start_key(solver)` for trials whose start is "best" (see `best_starts`).
     """
     spec.validate(budget=nfe, extra_optimizers=extra_optimizers)
@@ -341,7 +350,7 @@ def run_trial(
                       denoiser=denoiser, solver=spec.solver, batch_size=batch_size, seed=spec.seed,
                       monitor=monitor if (progress is not None and spec.is_costly) else None,
                       monitor_every=report_every,
-                      deadline=t0 + trial_seconds if (trial_seconds is not None and spec.is_costly) else None)
+                      deadline=_deadline(t0, trial_seconds, deadline) if spec.is_costly else None)
     optimizer = make_optimizer(spec.optimizer, extra=dict(extra_optimizers or {}), **spec.hyper)
     if spec.start == BEST_START:
         sigmas = (starts or {}).get(best_start_key(spec.solver))
@@ -362,13 +371,27 @@ def run_trial(
         best, value, start_value, stopped = problem.best_schedule, problem.best_value, math.nan, 1.0
     extra = {"fit_objective": value, "start_objective": start_value, "evaluations": float(problem.evaluations),
              "seconds": time.perf_counter() - t0, "stopped_early": stopped}
-    return _record(spec, denoiser, bank, best, batch_size, extra)
+    if spec.objective == "direct" and math.isfinite(value):
+        # The objective already is E of this schedule on the fit subset: no second solve (the heuristics and the
+        # one-shot peers are most of a search's trials, and their scoring most of their time).
+        return _record(spec, denoiser, bank, best, batch_size, {**extra, "fit_error": value},
+                       parts=("select", "test"))
+    return _record(spec, denoiser, bank, best, batch_size, extra, fit=direct_fit)
+
+
+def _deadline(t0: float, trial_seconds: float | None, deadline: float | None) -> float | None:
+    """The earlier of the trial's and the search's budgets, on the `time.perf_counter()` clock of `Problem`."""
+    limits = [t0 + trial_seconds] if trial_seconds is not None else []
+    if deadline is not None:
+        limits.append(t0 + (deadline - time.time()))
+    return min(limits) if limits else None
 
 
 def _record(spec: TrialSpec, denoiser: Denoiser, bank: Bank, schedule: Schedule, batch_size: int | None,
-            extra: dict[str, float], *, parts: tuple[str, ...] = ("fit", "select", "test")) -> TrialRecord:
+            extra: dict[str, float], *, parts: tuple[str, ...] = ("fit", "select", "test"),
+            fit: Bank | None = None) -> TrialRecord:
     named = Schedule(schedule.sigmas, name=spec.label)
-    scores = score_schedule(denoiser, bank, named, solver=spec.solver, batch_size=batch_size, parts=parts)
+    scores = score_schedule(denoiser, bank, named, solver=spec.solver, batch_size=batch_size, parts=parts, fit=fit)
     metrics = {**scores, **extra}
     return TrialRecord(spec=spec, state="COMPLETE", metrics=metrics, schedule=named)
 

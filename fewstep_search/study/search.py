@@ -127,6 +127,10 @@ class SearchSpec(Strict):
     trial_seconds: float = Field(
         default=30.0, ge=0, description="wall-time budget of each costly trial (the optimizers' own budgets are "
         "caps a cheap model reaches first); 0: iteration budgets only (reproducible across machines)")
+    seconds: float = Field(
+        default=55.0, ge=0, description="wall-time budget of the whole search, counted from its start: every "
+        "cheap trial runs; costly trials start best start first, none starts after the budget and running ones "
+        "end at it with their best schedule; the trials not run are listed; 0: no budget")
 
     @field_validator("fit_trajectories")
     @classmethod
