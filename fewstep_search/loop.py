@@ -169,8 +169,12 @@ class _Run:
                           "each); the select set picks, the full fit E is reported")
         return self._fit_n
 
-    def phase1(self, r: int, bank: Bank, model: ModelSource) -> dict[str, Any]:
-        """Round r's search (or its finished result read back)."""
+    def phase1(self, r: int, bank: Bank, model: ModelSource, *, phase2_follows: bool) -> dict[str, Any]:
+        """Round r's search (or its finished result read back).
+
+        When this round's Phase-2 trains on the best first-order schedule, the search refines one first, whatever
+        the search budget leaves for the rest (`select.by_start_quality`).
+        """
         done = self.rundir.phase1_result(r)
         if done is not None:
             self.reporter.phase(f"round {r}: Phase-1 already finished; reusing it")
@@ -198,11 +202,14 @@ class _Run:
                                                      device=self.config.device,
                                                      extra_optimizers=self.options.extra_optimizers),
                                 executor=self.executor(r), previous=previous, on_record=on_record,
-                                tie_tolerance=self.config.search.tie_tolerance)
+                                tie_tolerance=self.config.search.tie_tolerance,
+                                lead_solvers=FIRST_ORDER_SOLVERS if (
+                                    phase2_follows and self.config.phase2.train_for == "first_order") else ())
         if result.not_run:
-            self.note(f"round {r}: the search's budget (search.seconds = {self.config.search.seconds:g}) ended "
-                      f"before {len(result.not_run)} costly trials started: {', '.join(result.not_run)} "
-                      "(search.seconds = 0 runs every trial)")
+            n_costly = sum(s.is_costly for s in self.specs)
+            self.note(f"round {r}: the search budget (search.seconds = {self.config.search.seconds:g}) ran out "
+                      f"before {len(result.not_run)} of {n_costly} costly trials started; they are listed under "
+                      f"not_run in round_{r}/phase1.json (search.seconds = 0 runs them all)")
         if result.resumed:
             self.note(f"round {r}: {result.resumed} of {len(self.specs)} trials were read back from the Optuna "
                       f"record {name}")
@@ -272,7 +279,7 @@ def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None =
 
 def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
     config, rundir = run.config, run.rundir
-    p1 = run.phase1(1, bank, run.teacher_source)
+    p1 = run.phase1(1, bank, run.teacher_source, phase2_follows=rounds > 0)
     heur = p1["best_heuristic"]
     baselines: dict[str, Any] = {
         "phase1": {"name": p1["best"]["name"], "select_error": p1["best"]["select_error"],
@@ -299,7 +306,7 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
             elif student.n_trajectories < bank.n_trajectories:
                 run.note(f"round {r}: bound trials see the student's grid outputs on {student.sizes()['fit']} of "
                          f"{bank.sizes()['fit']} fit trajectories (a seeded sub-sample)")
-            p1 = run.phase1(r, student or bank, current)
+            p1 = run.phase1(r, student or bank, current, phase2_follows=True)
         metrics = rundir.finished_round(r)
         if metrics is None:
             pick = _phase2_pick(p1, run.config.phase2.train_for)

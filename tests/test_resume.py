@@ -29,7 +29,8 @@ grid_size = 32
 heuristics = ["edm", "log_uniform"]
 solvers = ["ddim"]
 pruning = { enabled = false }
-trial_seconds = 0   # no wall-time budget: the comparison with an uninterrupted run must not move with the load
+trial_seconds = 0   # no wall-time budgets: the comparison with an uninterrupted run must not move with the load
+seconds = 0
 [[search.trials]]
 optimizer = "adam"
 objective = "direct"

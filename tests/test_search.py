@@ -356,6 +356,11 @@ def test_costly_trials_start_with_the_most_promising_start(tiny_bank: Bank) -> N
     assert [quality[s.start] for s in ordered] == sorted(quality[s.start] for s in specs[2:])
     unscored = TrialSpec(optimizer="adam", objective="direct", start="log_uniform")
     assert by_start_quality([unscored, *specs[2:]], base)[-1] is unscored
+    # `lead_solvers` (the loop's Phase-2 solver) puts that solver's most promising trial first, whatever its rank.
+    other = TrialSpec(optimizer="adam", objective="direct", start="best", solver="ipndm")  # its start: unscored
+    assert by_start_quality([other, *specs[2:]], base)[-1] is other
+    led = by_start_quality([other, *specs[2:]], base, lead_solvers=("ipndm",))
+    assert led[0] is other and led[1:] == ordered
 
 
 def test_the_search_budget_ends_running_trials_and_starts_no_more(tiny_bank: Bank) -> None:

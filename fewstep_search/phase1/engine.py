@@ -230,11 +230,13 @@ def run_phase1(
     previous: Sequence[TrialRecord] = (),
     on_record: OnRecord | None = None,
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    lead_solvers: Sequence[str] = (),
 ) -> Phase1Result:
     """Run `specs` (those not already COMPLETE in `previous`) and select the winner on select E.
 
     `previous` are records read back from the run's own Optuna record (resume); only those whose key is one of
-    `specs` count. `on_record` sees every new record as it arrives (tables, the Optuna record).
+    `specs` count. `on_record` sees every new record as it arrives (tables, the Optuna record). Costly trials
+    start in `select.by_start_quality` order (`lead_solvers` first), which matters under `context.search_seconds`.
     """
     if not specs:
         raise ValueError("no trials to run")
@@ -260,7 +262,7 @@ def run_phase1(
     if costly:
         if any(s.start == BEST_START for s in costly):
             context = dataclasses.replace(context, starts={**best_starts(records), **context.starts})
-        costly = by_start_quality(costly, records)
+        costly = by_start_quality(costly, records, lead_solvers=lead_solvers)
         executor.run(costly, bank=bank, model=model, context=context, on_record=collect)
     finished_now = {r.spec.key for r in records}
     not_run = [s.label for s in costly if s.key not in finished_now]

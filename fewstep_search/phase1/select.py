@@ -61,12 +61,14 @@ def best_starts(records: Sequence[TrialRecord]) -> dict[str, list[float]]:
             if r.schedule is not None}
 
 
-def by_start_quality(specs: Sequence[TrialSpec], records: Sequence[TrialRecord]) -> list[TrialSpec]:
+def by_start_quality(specs: Sequence[TrialSpec], records: Sequence[TrialRecord], *,
+                     lead_solvers: Sequence[str] = ()) -> list[TrialSpec]:
     """`specs` ordered by the select E of their start (ties: "best" first, then file order; unscored last).
 
     Why: under a wall-time budget the trials that refine the most promising points should run first. A start's
     select E is that of its heuristic's baseline with the trial's solver, or for start "best" that of the best
-    cheap trial of the solver (what it refines).
+    cheap trial of the solver (what it refines). `lead_solvers`: the most promising trial with one of these
+    solvers goes first whatever its rank (the loop's Phase-2 trains on the best first-order schedule).
     """
     quality: dict[tuple[str, str], float] = {}
     for r in complete(records):
@@ -75,7 +77,9 @@ def by_start_quality(specs: Sequence[TrialSpec], records: Sequence[TrialRecord])
         keys = [(BEST_START, r.spec.solver)] + ([(r.spec.start, r.spec.solver)] if r.spec.is_baseline else [])
         for key in keys:
             quality[key] = min(quality.get(key, math.inf), r.select_error)
-    return sorted(specs, key=lambda s: (quality.get((s.start, s.solver), math.inf), s.start != BEST_START))
+    ordered = sorted(specs, key=lambda s: (quality.get((s.start, s.solver), math.inf), s.start != BEST_START))
+    lead = next((s for s in ordered if s.solver in lead_solvers), None)
+    return ordered if lead is None else [lead, *(s for s in ordered if s is not lead)]
 
 
 def by_family(records: Sequence[TrialRecord]) -> dict[str, TrialRecord]:
