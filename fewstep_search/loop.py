@@ -106,6 +106,7 @@ class _Run:
         self.config, self.rundir, self.options, self.reporter = config, rundir, options, reporter
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
+        self.started = time.perf_counter()
         self._fit_n: int | None = None
         resolve_device(config.device)
         self.teacher_source = model_source(config, study_path=options.study_path)
@@ -166,7 +167,7 @@ class _Run:
             if self._fit_n < fit.n_trajectories:
                 self.note(f"costly trials solve {self._fit_n} of the {fit.n_trajectories} fit trajectories per "
                           f"evaluation (search.fit_trajectories = 'auto': about {s.seconds_per_evaluation:g} s "
-                          "each); the select set picks, the full fit E is reported")
+                          "each); the select set picks, fit E is on that subset")
         return self._fit_n
 
     def phase1(self, r: int, bank: Bank, model: ModelSource, *, phase2_follows: bool) -> dict[str, Any]:
@@ -218,6 +219,7 @@ class _Run:
             best_row["best"]["test_error_by_condition"] = errors_by_condition(
                 model.load(), bank.test().to(self.config.device), result.winner.schedule,
                 solver=result.winner.spec.solver, batch_size=self.config.bank.batch_size)
+        self.timings[f"phase1_round_{r}"] = time.perf_counter() - t0
         summary = {"round": r, "nfe": self.config.nfe, "model": model.model_id, **best_row,
                    "seconds": time.perf_counter() - t0,
                    "optuna": {"storage": record.public_storage, "study": name}}
@@ -337,7 +339,8 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
                       Path(best["model"]) if best["model"] else None)
     results = {"nfe": config.nfe, "model": config.model.model_id, "run_id": run.run_id, "rounds": history,
                "baselines": baselines, "best": {k: v for k, v in best.items() if k != "schedule"},
-               "notes": run.notes, "timings": run.timings, "bank_sizes": bank.sizes()}
+               "notes": run.notes, "timings": {**run.timings, "total": time.perf_counter() - run.started},
+               "bank_sizes": bank.sizes()}
     rundir.write_results(results)
     return results
 
@@ -355,6 +358,7 @@ def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule:
                        engine=run.options.engine, on_epoch=run.reporter.epoch, progress=run.reporter.progress,
                        solver=str(row.get("solver", "ddim")))
     seconds = time.perf_counter() - t0
+    run.timings[f"phase2_round_{r}"] = seconds
     target = rundir.store_model(r, Path(result.checkpoint))
     den = run.teacher_source.with_checkpoint(target).load(cache=False)
     evaluation = run.evaluate(den, schedule, bank, solver=str(row.get("solver", "ddim")))
