@@ -36,11 +36,11 @@ from fewstep_search.bank import Bank
 from fewstep_search.phase1.budget import auto_fit_trajectories
 from fewstep_search.phase1.chains import Chain, DPThenAdam, Stage
 from fewstep_search.phase1.engine import Phase1Result, TrialContext, run_phase1
+from fewstep_search.phase1.executors import tiered_executor
 from fewstep_search.phase1.optimizers import LBFGSB, Adam
 from fewstep_search.phase1.parameterizations import Logits
 from fewstep_search.phase1.portfolio import trial_specs
 from fewstep_search.phase1.problem import Problem
-from fewstep_search.phase1.ray_tune import tiered_executor
 from fewstep_search.phase1.select import by_family
 from fewstep_search.phase1.trials import score_schedule
 from fewstep_search.ray_runtime import ray_session

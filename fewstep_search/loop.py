@@ -148,7 +148,7 @@ class _Run:
         s = self.config.search
         if self.options.engine == "local":
             return InProcessExecutor(pruning=s.pruning, max_failures=s.max_failures)
-        from fewstep_search.phase1.ray_tune import tiered_executor
+        from fewstep_search.phase1.executors import tiered_executor
 
         return tiered_executor(s, storage_path=self.rundir.path / "tune", name=f"round_{r}")
 

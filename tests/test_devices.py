@@ -15,7 +15,7 @@ import torch
 from fewstep_search.bank import Bank, build_bank
 from fewstep_search.models.digits import load_digits
 from fewstep_search.models.mixture import builtin_mixture
-from fewstep_search.phase1.ray_tune import trial_resources
+from fewstep_search.phase1.ray_worker import trial_resources
 from fewstep_search.phase1.trials import TrialSpec, run_trial
 from fewstep_search.quality import sample_quality_of
 from fewstep_search.schedules import make_schedule

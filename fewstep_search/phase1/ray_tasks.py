@@ -4,7 +4,7 @@ Why not Tune for these: a heuristic, a DP or a one-shot peer optimizes in well u
 about a second, while Tune spends about a second of its own per trial even with reused actors, and a fresh
 actor imports torch again. A Ray task costs milliseconds to schedule, and a task worker keeps its imports and its
 cached model (`ModelSource.load`) from one trial to the next. What a trial does in the worker is the Tune
-trainable's (`ray_tune.execute_trial`), so both tiers produce the same records. No pruning: cheap trials are
+trainable's (`ray_worker.execute_trial`), so both tiers produce the same records. No pruning: cheap trials are
 never stopped early. A failing trial is resubmitted `max_failures` times, then recorded FAIL with its error line.
 """
 
@@ -17,7 +17,7 @@ from fewstep_search.bank import Bank
 from fewstep_search.bank.shared import SharedBank
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase1.engine import OnRecord, TrialContext, one_line_error
-from fewstep_search.phase1.ray_tune import execute_trial, trial_resources, worker_context
+from fewstep_search.phase1.ray_worker import execute_trial, trial_resources, worker_context
 from fewstep_search.phase1.trials import TrialRecord, TrialSpec
 from fewstep_search.ray_runtime import ray_session
 

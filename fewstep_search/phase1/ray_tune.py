@@ -21,54 +21,19 @@ from typing import Any
 
 from fewstep_search.bank import Bank
 from fewstep_search.bank.shared import SharedBank
-from fewstep_search.models.source import ModelSource, frozen_weights
-from fewstep_search.phase1.engine import InProcessExecutor, OnRecord, TieredExecutor, TrialContext, past_deadline
-from fewstep_search.phase1.trials import TrialRecord, TrialSpec, run_trial
+from fewstep_search.models.source import ModelSource
+from fewstep_search.phase1.engine import OnRecord, TrialContext, past_deadline
+from fewstep_search.phase1.ray_worker import execute_trial, trial_resources, worker_context
+from fewstep_search.phase1.trials import TrialRecord, TrialSpec
 from fewstep_search.ray_runtime import ray_session
-from fewstep_search.study.search import PruningSpec, SearchSpec
+from fewstep_search.study.search import PruningSpec
 
-__all__ = ["RayTuneExecutor", "trial_resources", "tiered_executor", "execute_trial", "worker_context"]
+__all__ = ["RayTuneExecutor"]
 
 _FINAL = "final"
 """Key of the last report of a trial that ran to its end (absent when the scheduler stopped it)."""
 _NOT_RUN = "not_run"
 """Key of the one report of a trial that found the search's wall-time budget spent (no record: a resume runs it)."""
-
-
-def trial_resources(device: str, *, cpus: float, gpus: float) -> dict[str, float]:
-    """What one trial reserves: CPUs, and a GPU share when the search runs on a GPU."""
-    res = {"cpu": cpus}
-    if device.startswith("cuda"):
-        res["gpu"] = gpus
-    return res
-
-
-def execute_trial(spec: TrialSpec, *, bank: SharedBank, model: ModelSource, context: dict[str, Any],
-                  progress: Any = None) -> TrialRecord:
-    """One trial in a Ray worker (a Tune trainable or a task): threads, the cached model, the bank's views."""
-    import torch
-
-    torch.set_num_threads(context["threads"])
-    den = model.load()
-    dev_bank = bank.bank().to(context["device"])  # zero-copy views of the object store on CPU
-    with frozen_weights(den):
-        return run_trial(
-            spec, bank=dev_bank, denoiser=den, nfe=context["nfe"],
-            batch_size=context["batch_size"], fit_trajectories=context["fit_trajectories"],
-            trial_seconds=context["trial_seconds"], deadline=context["deadline"], starts=context["starts"],
-            extra_optimizers=context["extra_optimizers"],
-            progress=progress, report_every=context["report_every"],
-        )
-
-
-def worker_context(context: TrialContext, *, cpus_per_trial: float, pruning: PruningSpec | None) -> dict[str, Any]:
-    """What a worker needs of the search's context (plain data: it travels with every trial)."""
-    return {"nfe": context.nfe, "batch_size": context.batch_size, "device": context.device,
-            "fit_trajectories": context.fit_trajectories, "trial_seconds": context.trial_seconds,
-            "deadline": context.deadline, "starts": dict(context.starts),
-            "threads": max(1, int(cpus_per_trial)), "extra_optimizers": dict(context.extra_optimizers),
-            "pruning": pruning is not None and pruning.enabled,
-            "report_every": pruning.report_every if pruning else 10}
 
 
 def _trainable(config: dict[str, Any], *, bank: SharedBank, model: ModelSource, context: dict[str, Any]) -> None:
@@ -195,22 +160,3 @@ class RayTuneExecutor:
                 ),
             )
             tuner.fit()
-
-
-def tiered_executor(search: SearchSpec, *, storage_path: str | Path | None = None, name: str = "phase1",
-                    cheap_on_ray: bool = True) -> TieredExecutor:
-    """What the CLI runs: the cheap trials as Ray tasks, then the costly ones as a Tune experiment.
-
-    Why the cheap tier on Ray too: a heuristic or a one-shot peer costs well under a second to optimize but about
-    a second to score (a solve of the select and test trajectories), and one driver process with two torch
-    threads scores a small batch hardly faster than with one; Ray tasks (`ray_tasks.RayTaskExecutor`, not Tune:
-    no per-trial overhead to speak of) score `workers` trials at a time. `cheap_on_ray=False` runs them in the
-    driver.
-    """
-    from fewstep_search.phase1.ray_tasks import RayTaskExecutor
-
-    common = {"workers": search.workers, "address": search.address, "max_failures": search.max_failures,
-              "cpus_per_trial": search.cpus_per_trial, "gpus_per_trial": search.gpus_per_trial}
-    cheap = RayTaskExecutor(**common) if cheap_on_ray else InProcessExecutor(max_failures=search.max_failures)
-    costly = RayTuneExecutor(**common, pruning=search.pruning, storage_path=storage_path, name=name)
-    return TieredExecutor(costly=costly, cheap=cheap)
