@@ -219,9 +219,9 @@ class _Run:
             best_row["best"]["test_error_by_condition"] = errors_by_condition(
                 model.load(), bank.test().to(self.config.device), result.winner.schedule,
                 solver=result.winner.spec.solver, batch_size=self.config.bank.batch_size)
-        self.timings[f"phase1_round_{r}"] = time.perf_counter() - t0
+        self.timings[f"phase1_round_{r}"] = seconds = time.perf_counter() - t0
         summary = {"round": r, "nfe": self.config.nfe, "model": model.model_id, **best_row,
-                   "seconds": time.perf_counter() - t0,
+                   "seconds": seconds,
                    "optuna": {"storage": record.public_storage, "study": name}}
         self.rundir.write_phase1(r, summary)
         return summary

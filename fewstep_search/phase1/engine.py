@@ -200,7 +200,8 @@ class Phase1Result:
     best_heuristic: TrialRecord | None
     resumed: int = 0
     not_run: list[str] = field(default_factory=list)
-    """Labels of the costly trials the search's wall-time budget left unstarted (a resume runs them)."""
+    """Labels of the costly trials the search's wall-time budget left unstarted (no record: a resume of an
+    unfinished round runs them; a finished round is reused as it is)."""
 
     def rows(self) -> list[dict[str, Any]]:
         """Each complete trial as a row (`select.candidate_row`), test ratios against the best heuristic."""

@@ -17,7 +17,13 @@ from fewstep_search.bank import Bank
 from fewstep_search.bank.shared import SharedBank
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase1.engine import OnRecord, TrialContext, one_line_error
-from fewstep_search.phase1.ray_worker import execute_trial, trial_resources, worker_context
+from fewstep_search.phase1.ray_worker import (
+    check_executor_args,
+    execute_trial,
+    trial_resources,
+    validate_in_driver,
+    worker_context,
+)
 from fewstep_search.phase1.trials import TrialRecord, TrialSpec
 from fewstep_search.ray_runtime import ray_session
 
@@ -39,10 +45,8 @@ class RayTaskExecutor:
 
     def __init__(self, *, workers: int | None = None, address: str | None = None, max_failures: int = 1,
                  cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.25) -> None:
-        if workers is not None and workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if max_failures < 0:
-            raise ValueError(f"max_failures must be >= 0, got {max_failures}")
+        check_executor_args(workers=workers, max_failures=max_failures, cpus_per_trial=cpus_per_trial,
+                            gpus_per_trial=gpus_per_trial)
         self.workers, self.address, self.max_failures = workers, address, max_failures
         self.cpus_per_trial, self.gpus_per_trial = cpus_per_trial, gpus_per_trial
 
@@ -50,8 +54,7 @@ class RayTaskExecutor:
             on_record: OnRecord) -> None:
         import ray
 
-        for spec in specs:  # fail in the driver, before any worker starts
-            spec.validate(budget=context.nfe, extra_optimizers=context.extra_optimizers)
+        validate_in_driver(specs, context)
         ctx = worker_context(context, cpus_per_trial=self.cpus_per_trial, pruning=None)
         res = trial_resources(context.device, cpus=self.cpus_per_trial, gpus=self.gpus_per_trial)
         with ray_session(workers=self.workers, address=self.address):

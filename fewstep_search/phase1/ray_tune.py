@@ -23,7 +23,13 @@ from fewstep_search.bank import Bank
 from fewstep_search.bank.shared import SharedBank
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase1.engine import OnRecord, TrialContext, past_deadline
-from fewstep_search.phase1.ray_worker import execute_trial, trial_resources, worker_context
+from fewstep_search.phase1.ray_worker import (
+    check_executor_args,
+    execute_trial,
+    trial_resources,
+    validate_in_driver,
+    worker_context,
+)
 from fewstep_search.phase1.trials import TrialRecord, TrialSpec
 from fewstep_search.ray_runtime import ray_session
 from fewstep_search.study.search import PruningSpec
@@ -33,7 +39,7 @@ __all__ = ["RayTuneExecutor"]
 _FINAL = "final"
 """Key of the last report of a trial that ran to its end (absent when the scheduler stopped it)."""
 _NOT_RUN = "not_run"
-"""Key of the one report of a trial that found the search's wall-time budget spent (no record: a resume runs it)."""
+"""Key of the one report of a trial that found the search's wall-time budget spent (it leaves no record)."""
 
 
 def _trainable(config: dict[str, Any], *, bank: SharedBank, model: ModelSource, context: dict[str, Any]) -> None:
@@ -112,13 +118,8 @@ class RayTuneExecutor:
     def __init__(self, *, workers: int | None = None, address: str | None = None, max_failures: int = 1,
                  cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.25, pruning: PruningSpec | None = None,
                  storage_path: str | Path | None = None, name: str = "phase1") -> None:
-        if workers is not None and workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if max_failures < 0:
-            raise ValueError(f"max_failures must be >= 0, got {max_failures}")
-        if cpus_per_trial <= 0 or not 0 < gpus_per_trial <= 1:
-            raise ValueError(f"need cpus_per_trial > 0 and 0 < gpus_per_trial <= 1, got {cpus_per_trial}, "
-                             f"{gpus_per_trial}")
+        check_executor_args(workers=workers, max_failures=max_failures, cpus_per_trial=cpus_per_trial,
+                            gpus_per_trial=gpus_per_trial)
         self.workers, self.address, self.max_failures = workers, address, max_failures
         self.cpus_per_trial, self.gpus_per_trial = cpus_per_trial, gpus_per_trial
         self.pruning, self.storage_path, self.name = pruning, storage_path, name
@@ -135,8 +136,7 @@ class RayTuneExecutor:
             on_record: OnRecord) -> None:
         from ray import tune
 
-        for spec in specs:  # fail in the driver, before any worker starts
-            spec.validate(budget=context.nfe, extra_optimizers=context.extra_optimizers)
+        validate_in_driver(specs, context)
         ctx = worker_context(context, cpus_per_trial=self.cpus_per_trial, pruning=self.pruning)
         resources = trial_resources(context.device, cpus=self.cpus_per_trial, gpus=self.gpus_per_trial)
         with ray_session(workers=self.workers, address=self.address):

@@ -2,11 +2,13 @@
 
 Kept apart from the executors so both produce the same records from the same code: torch's thread count, the
 model loaded once per process (cached by spec and checkpoint hash), the bank as zero-copy views of Ray's object
-store, frozen weights, `run_trial`. No Ray import: this is plain Python that runs inside a worker.
+store, frozen weights, `run_trial`; and the checks both executors make in the driver. No Ray import: plain
+Python that runs inside a worker.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fewstep_search.bank.shared import SharedBank
@@ -15,7 +17,25 @@ from fewstep_search.phase1.engine import TrialContext
 from fewstep_search.phase1.trials import TrialRecord, TrialSpec, run_trial
 from fewstep_search.study.search import PruningSpec
 
-__all__ = ["trial_resources", "execute_trial", "worker_context"]
+__all__ = ["trial_resources", "execute_trial", "worker_context", "check_executor_args", "validate_in_driver"]
+
+
+def check_executor_args(*, workers: int | None, max_failures: int, cpus_per_trial: float,
+                        gpus_per_trial: float) -> None:
+    """The arguments both Ray executors take, checked once (a one-line ValueError)."""
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_failures < 0:
+        raise ValueError(f"max_failures must be >= 0, got {max_failures}")
+    if cpus_per_trial <= 0 or not 0 < gpus_per_trial <= 1:
+        raise ValueError(f"need cpus_per_trial > 0 and 0 < gpus_per_trial <= 1, got {cpus_per_trial}, "
+                         f"{gpus_per_trial}")
+
+
+def validate_in_driver(specs: Sequence[TrialSpec], context: TrialContext) -> None:
+    """Every trial's names, checked before any worker starts (a bad trial fails in one line, not in a worker)."""
+    for spec in specs:
+        spec.validate(budget=context.nfe, extra_optimizers=context.extra_optimizers)
 
 
 def trial_resources(device: str, *, cpus: float, gpus: float) -> dict[str, float]:
