@@ -36,7 +36,7 @@ from fewstep_search.models.source import ModelSource, load_checkpoint_into
 from fewstep_search.objectives import grid_cost_matrix, true_error
 from fewstep_search.phase2 import fine_tune
 from fewstep_search.schedules import Schedule, make_schedule
-from fewstep_search.solvers import ddim
+from fewstep_search.solvers import get_solver
 from fewstep_search.study.phase2 import Phase2Spec
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -71,16 +71,17 @@ def _schedule(kind: str, nfe: int, bank: Bank) -> Schedule:
 
 
 @torch.no_grad()
-def _fd(den: Any, sigmas: Tensor, n: int, seed: int) -> float:
+def _fd(den: Any, sigmas: Tensor, n: int, seed: int, solver: str = "ddim") -> float:
     g = torch.Generator().manual_seed(seed)
     x = SIGMA_MAX * torch.randn(n, 1, 8, 8, generator=g)
-    out = torch.cat([ddim(den, x[i : i + 500], sigmas.float()) for i in range(0, n, 500)])
+    solve = get_solver(solver)
+    out = torch.cat([solve(den, x[i : i + 500], sigmas.float()) for i in range(0, n, 500)])
     return sample_quality(out).fd
 
 
 @torch.no_grad()
-def _test_e(den: Any, bank: Bank, sigmas: Tensor) -> float:
-    return float(true_error(den, bank.test(), sigmas, batch_size=256))
+def _test_e(den: Any, bank: Bank, sigmas: Tensor, solver: str = "ddim") -> float:
+    return float(true_error(den, bank.test(), sigmas, solver=solver, batch_size=256))
 
 
 @torch.no_grad()
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 10])
     p.add_argument("--minutes", type=float, default=20.0, help="training budget of each round")
     p.add_argument("--schedule", default="vp_time_quadratic", help="a heuristic family name, or 'dp' (B_w-DP)")
+    p.add_argument("--solver", default="ddim", help="the sampler trained for and scored with (ddim, euler, ipndm)")
     p.add_argument("--variant", action="append", default=None, help="name:key=value,... (Phase2Spec overrides)")
     p.add_argument("--set", default="", help="key=value,... applied to every variant")
     p.add_argument("--engine", choices=("local", "ray"), default="local")
@@ -154,24 +156,24 @@ def main(argv: list[str] | None = None) -> int:
     for nfe in a.nfe:
         sched = _schedule(a.schedule, nfe, bank)
         sig = sched.tensor()
-        e0, fd0 = _test_e(den, bank, sig), _fd(den, sig, a.samples, a.seed + 1)
+        e0, fd0 = _test_e(den, bank, sig, a.solver), _fd(den, sig, a.samples, a.seed + 1, a.solver)
         for name, _, pairs in variants:
             spec = Phase2Spec(**{"max_minutes": a.minutes, "seed": a.seed, **common, **_parse_pairs(pairs)})
             out_dir = a.out / f"{stamp}_n{nfe}_{name or 'default'}"
             res = fine_tune(
                 teacher=ModelSource(kind="digits"), student=ModelSource(kind="digits"), schedule=sched, bank=bank,
-                spec=spec, out_dir=out_dir, engine=a.engine,
+                spec=spec, out_dir=out_dir, engine=a.engine, solver=a.solver,
                 on_epoch=lambda m, nfe=nfe, name=name: print(
                     f"  N={nfe} {name} epoch {m['epoch']} step {m['step']} {m['seconds']:.0f}s loss {m['loss']:.4f} "
                     f"select {m['select_error']:.4f} test {m['test_error']:.4f} [{m['mode']}]", file=sys.stderr),
             )
             tuned = copy.deepcopy(den)
             load_checkpoint_into(tuned, res.checkpoint)
-            e1, fd1 = _test_e(tuned, bank, sig), _fd(tuned, sig, a.samples, a.seed + 1)
+            e1, fd1 = _test_e(tuned, bank, sig, a.solver), _fd(tuned, sig, a.samples, a.seed + 1, a.solver)
             minutes = res.seconds / 60.0
             cut = 1.0 - e1 / e0
             rows.append({
-                "nfe": nfe, "schedule": sched.name, "variant": name or "default", "minutes": minutes,
+                "nfe": nfe, "schedule": sched.name, "solver": a.solver, "variant": name or "default", "minutes": minutes,
                 "wall_minutes": res.wall_seconds / 60.0, "clock": spec.clock,
                 "steps": res.steps, "teacher_calls": res.teacher_calls, "test_e_before": e0, "test_e_after": e1,
                 "cut": cut, "cut_per_min": cut / minutes if minutes > 0 else float("nan"), "fd_before": fd0,
@@ -181,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"N={nfe} {name}: E {e0:.4f} -> {e1:.4f} ({100 * cut:.1f}%), FD {fd0:.2f} -> {fd1:.2f}",
                   file=sys.stderr)
             atomic_write_json(a.out / f"{stamp}_results.json", rows)
-    header = ("| N | schedule | variant | minutes (clock) | wall min | steps | teacher calls | test E before | "
+    header = ("| N | schedule (solver) | variant | minutes (clock) | wall min | steps | teacher calls | test E before | "
               "test E after | cut | cut / min | FD before | FD after | FD untouched, EDM 10 steps |")
     lines = [header, "|" + "---|" * 14]
     for r in rows:
         lines.append(
-            f"| {r['nfe']} | {r['schedule']} | {r['variant']} | {r['minutes']:.1f} ({r['clock']}) | "
+            f"| {r['nfe']} | {r['schedule']} ({r['solver']}) | {r['variant']} | {r['minutes']:.1f} ({r['clock']}) | "
             f"{r['wall_minutes']:.1f} | {r['steps']} | "
             f"{r['teacher_calls'] / 1e6:.2f} M | {r['test_e_before']:.4f} | {r['test_e_after']:.4f} | "
             f"{100 * r['cut']:.1f}% | {100 * r['cut_per_min']:.1f}% | {r['fd_before']:.2f} | {r['fd_after']:.2f} | "

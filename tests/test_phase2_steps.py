@@ -68,9 +68,34 @@ def test_an_ipndm_round_trains_for_ipndm_and_its_weights_carry_the_ab_factor(tmp
 
         assert res.initial["test_error"] == pytest.approx(
             float(true_error(teacher, bank.test(), sched.tensor(), solver="ipndm")), rel=1e-5)  # scored with iPNDM
-    with pytest.raises(ValueError, match="follow DDIM steps"):
+    with pytest.raises(ValueError, match="follows DDIM steps"):
         fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec.model_copy(
             update={"teacher_forced_fraction": 0.5}), out_dir=tmp_path / "x", engine="local", solver="ipndm")
     with pytest.raises(ValueError, match="not 'dpmpp_2m'"):
         fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "y",
                   engine="local", solver="dpmpp_2m")
+
+
+def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_sample(tmp_path) -> None:
+    """Where the per-step iPNDM loss raises E on this tiny model (above), the end-to-end term alone lowers it:
+    it differentiates through the whole multistep chain. Its target is the teacher's end point from the noise,
+    so the teacher runs once per pool sample however many passes the round makes."""
+    teacher = make_tiny(seed=3)
+    bank = build_bank(teacher, shape=(8,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, n_trajectories=48,
+                      grid_size=24, dtype=torch.float32, probes=1, model_id="tiny")
+    sched = make_schedule("vp_time_quadratic", 4, SIGMA_MIN, SIGMA_MAX)
+    src = ModelSource.of(teacher)
+    spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
+                      pool_size=32, max_log_step=1.0, per_step_weight=0.0, end_to_end_weight=1.0)
+    res = fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "e2e",
+                    engine="local", solver="ipndm")
+    assert res.stopped_reason is None
+    assert res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
+    from fewstep_search.phase2.targets import calls_for
+
+    s = sched.sigmas
+    solve = sum(calls_for(s[j], s[j + 1], max_log_step=1.0, solver="auto") for j in range(1, len(s) - 1))
+    solve += calls_for(s[0], s[1], max_log_step=0.25, solver="auto")  # the first interval's finer bound
+    assert res.teacher_calls <= 32 * solve  # 24 steps x 16 samples = 12 passes over the pool: solved once each
+    with pytest.raises(ValueError, match="train on nothing"):
+        Phase2Spec(per_step_weight=0.0)

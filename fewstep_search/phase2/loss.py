@@ -13,8 +13,8 @@ is (to first order) the squared error the step adds to the sample, in the units 
 * `teacher_forced_loss`: x_i is the teacher's trajectory state (precomputed): no teacher call per step, but it
   never sees the student's drift (a warm start).
 
-Optional end-to-end term `||x0_hat - x0*||^2` (x0_hat from an undetached DDIM chain of the student, x0* from the
-teacher's trajectory). Arrays are indexed from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] ->
+End-to-end term `||x0_hat - x0*||^2` (x0_hat from an undetached chain of the student's sampler, x0* the end of
+the teacher's trajectory): optional beside the per-step loss, or alone (`per_step_weight = 0`). Arrays are indexed from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] ->
 sigmas[j + 1]. No Ray here.
 """
 
@@ -32,7 +32,7 @@ from fewstep_search.phase2.targets import ideal_output
 
 __all__ = [
     "rms_gain", "step_weights", "LossParts", "student_state_loss", "teacher_forced_loss", "fixed_state_loss",
-    "student_state_targets", "ddim_chain", "end_to_end",
+    "student_state_targets", "solver_chain", "ddim_chain", "end_to_end",
 ]
 
 StudentFn = Callable[[Tensor, Tensor], Tensor]
@@ -168,16 +168,30 @@ def student_state_targets(
     return torch.stack(states), torch.stack(targets)
 
 
-def ddim_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...]) -> Tensor:
-    """x0_hat of the student's DDIM solve, differentiable through every step (for the end-to-end term)."""
+def solver_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...], solver: str = "ddim") -> Tensor:
+    """x0_hat of the student's `solver` solve (DDIM / Euler / iPNDM), differentiable through every step.
+
+    Why a chain of `SamplerChain` steps rather than `solvers.get_solver`: it is the same step the per-step
+    targets use (tests/test_phase2_steps.py checks it against `solvers.ipndm`), so both terms train one sampler.
+    """
+    chain = SamplerChain(solver, sigmas)
     x = x_start
     for j in range(len(sigmas) - 1):
-        d = student(x, _sigma_batch(x, sigmas[j]))
-        r = sigmas[j + 1] / sigmas[j]
-        x = r * x + (1 - r) * d.to(x.dtype)
+        x = chain.advance(j, x, student(x, _sigma_batch(x, sigmas[j])).to(x.dtype))
     return x
 
 
-def end_to_end(student: StudentFn, x_start: Tensor, x_end: Tensor, sigmas: tuple[float, ...]) -> Tensor:
-    """mean_batch ||x0_hat - x0*||^2, x0* the teacher's accurate end point from the same x_start."""
-    return _sq(ddim_chain(student, x_start, sigmas), x_end).mean()
+def ddim_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...]) -> Tensor:
+    """x0_hat of the student's DDIM solve, differentiable through every step."""
+    return solver_chain(student, x_start, sigmas, "ddim")
+
+
+def end_to_end(
+    student: StudentFn, x_start: Tensor, x_end: Tensor, sigmas: tuple[float, ...], solver: str = "ddim"
+) -> Tensor:
+    """mean_batch ||x0_hat - x0*||^2, x0* the teacher's accurate end point from the same x_start.
+
+    The term E itself measures (squared): it sees how the steps' errors cancel, which the per-step loss cannot,
+    and its target depends on the noise alone, so a pool sample's teacher solve is done once per round.
+    """
+    return _sq(solver_chain(student, x_start, sigmas, solver), x_end).mean()

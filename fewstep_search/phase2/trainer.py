@@ -91,6 +91,8 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
     """What makes two calls the same round: models, schedule, solver and the settings that change the weights."""
     budget_free = spec.model_dump(exclude={"max_minutes", "max_steps", "clock", "keep_checkpoints", "eval_batch_size",
                                             "train_for"})  # train_for: the loop's choice of solver, keyed below
+    if budget_free.get("per_step_weight") == 1.0:  # rounds from before the setting existed keep their keys
+        del budget_free["per_step_weight"]
     parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
     if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
         parts.append(solver)
@@ -134,8 +136,8 @@ def fine_tune(
     if engine not in ("ray", "local"):
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     check_phase2_solver(solver)
-    if solver not in FIRST_ORDER_SOLVERS and (spec.teacher_forced_fraction > 0 or spec.end_to_end_weight > 0):
-        raise ValueError(f"teacher_forced_fraction and end_to_end_weight follow DDIM steps; the round trains {solver}")
+    if solver not in FIRST_ORDER_SOLVERS and spec.teacher_forced_fraction > 0:
+        raise ValueError(f"teacher_forced_fraction follows DDIM steps; the round trains {solver}")
     den = _check_trainable(student)
     sig = schedule.tensor()
     check_endpoints(bank, sig)

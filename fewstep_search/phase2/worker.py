@@ -356,6 +356,10 @@ def _step_loss(
     idx = pool.indices(step, batch)
     x, cond = pool.x[idx.to(pool.x.device)], pool.conditions(idx)
     student = _student_fn(model, cond, autocast)
+    if spec.per_step_weight == 0:  # the end-to-end term alone: no per-step targets, no student-state solves
+        e2e = end_to_end(student, x, pool.trajectories(teacher, idx)[-1], cfg.sigmas, cfg.solver)
+        return LossParts(total=spec.end_to_end_weight * e2e, per_step=torch.zeros(len(cfg.sigmas) - 1),
+                         end_to_end=e2e.detach())
     if mode == "forced":
         parts = teacher_forced_loss(student, pool.trajectories(teacher, idx), cfg.sigmas, weights)
     else:
@@ -371,9 +375,11 @@ def _step_loss(
         else:
             states, targets = compute(idx)
         parts = fixed_state_loss(student, states, targets, cfg.sigmas, weights)
+    if spec.per_step_weight != 1.0:
+        parts = LossParts(total=spec.per_step_weight * parts.total, per_step=parts.per_step)
     if spec.end_to_end_weight > 0:
         x_end = pool.trajectories(teacher, idx)[-1]
-        e2e = end_to_end(student, x, x_end, cfg.sigmas)
+        e2e = end_to_end(student, x, x_end, cfg.sigmas, cfg.solver)
         parts = LossParts(total=parts.total + spec.end_to_end_weight * e2e, per_step=parts.per_step,
                           end_to_end=e2e.detach())
     return parts

@@ -49,6 +49,10 @@ class Phase2Spec(Strict):
         default=0.0, ge=0, le=1, description="share of the budget trained on the teacher's own trajectory first"
     )
     end_to_end_weight: float = Field(default=0.0, ge=0, description="weight of ||x0_hat - x0*||^2")
+    per_step_weight: float = Field(
+        default=1.0, ge=0, description="weight of the per-step loss (0 with end_to_end_weight > 0: the end-to-end "
+        "term alone, which needs the teacher once per pool sample)"
+    )
     train_for: Literal["first_order", "winner"] = Field(
         default="first_order", description="the sampler a round trains for: first_order (DDIM: the winner when "
         "it is first order, else the best first-order candidate) or winner (the search winner's solver when "
@@ -71,6 +75,8 @@ class Phase2Spec(Strict):
             self.teacher_forced_fraction > 0 or self.end_to_end_weight > 0 or self.target_reuse > 1
         ):
             raise ValueError("teacher_forced_fraction, end_to_end_weight and target_reuse need a pool (pool_size)")
+        if self.per_step_weight == 0 and self.end_to_end_weight == 0:
+            raise ValueError("per_step_weight and end_to_end_weight are both 0: the round would train on nothing")
         if self.workers > 1 and self.end_to_end_weight > 0:
             raise ValueError("end_to_end_weight needs workers = 1 (its chain calls the model N times per step; DDP "
                              "allows one forward per backward)")
