@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             minutes = res.seconds / 60.0
             cut = 1.0 - e1 / e0
             rows.append({
-                "nfe": nfe, "schedule": sched.name, "solver": a.solver, "variant": name or "default", "minutes": minutes,
+                "nfe": nfe, "schedule": sched.name, "solver": a.solver, "variant": name or "default",
+                "minutes": minutes,
                 "wall_minutes": res.wall_seconds / 60.0, "clock": spec.clock,
                 "steps": res.steps, "teacher_calls": res.teacher_calls, "test_e_before": e0, "test_e_after": e1,
                 "cut": cut, "cut_per_min": cut / minutes if minutes > 0 else float("nan"), "fd_before": fd0,
@@ -183,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"N={nfe} {name}: E {e0:.4f} -> {e1:.4f} ({100 * cut:.1f}%), FD {fd0:.2f} -> {fd1:.2f}",
                   file=sys.stderr)
             atomic_write_json(a.out / f"{stamp}_results.json", rows)
-    header = ("| N | schedule (solver) | variant | minutes (clock) | wall min | steps | teacher calls | test E before | "
-              "test E after | cut | cut / min | FD before | FD after | FD untouched, EDM 10 steps |")
+    header = ("| N | schedule (solver) | variant | minutes (clock) | wall min | steps | teacher calls | "
+              "test E before | test E after | cut | cut / min | FD before | FD after | FD untouched, EDM 10 steps |")
     lines = [header, "|" + "---|" * 14]
     for r in rows:
         lines.append(

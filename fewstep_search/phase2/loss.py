@@ -14,8 +14,8 @@ is (to first order) the squared error the step adds to the sample, in the units 
   never sees the student's drift (a warm start).
 
 End-to-end term `||x0_hat - x0*||^2` (x0_hat from an undetached chain of the student's sampler, x0* the end of
-the teacher's trajectory): optional beside the per-step loss, or alone (`per_step_weight = 0`). Arrays are indexed from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] ->
-sigmas[j + 1]. No Ray here.
+the teacher's trajectory): optional beside the per-step loss, or alone (`per_step_weight = 0`). Arrays are indexed
+from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] -> sigmas[j + 1]. No Ray here.
 """
 
 from __future__ import annotations
