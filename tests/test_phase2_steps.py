@@ -99,3 +99,5 @@ def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_
     assert res.teacher_calls <= 32 * solve  # 24 steps x 16 samples = 12 passes over the pool: solved once each
     with pytest.raises(ValueError, match="train on nothing"):
         Phase2Spec(per_step_weight=0.0)
+    with pytest.raises(ValueError, match="warms up the per-step loss"):
+        Phase2Spec(per_step_weight=0.0, end_to_end_weight=1.0, teacher_forced_fraction=0.5)

@@ -77,6 +77,8 @@ class Phase2Spec(Strict):
             raise ValueError("teacher_forced_fraction, end_to_end_weight and target_reuse need a pool (pool_size)")
         if self.per_step_weight == 0 and self.end_to_end_weight == 0:
             raise ValueError("per_step_weight and end_to_end_weight are both 0: the round would train on nothing")
+        if self.per_step_weight == 0 and self.teacher_forced_fraction > 0:
+            raise ValueError("teacher_forced_fraction warms up the per-step loss; per_step_weight = 0 has none")
         if self.workers > 1 and self.end_to_end_weight > 0:
             raise ValueError("end_to_end_weight needs workers = 1 (its chain calls the model N times per step; DDP "
                              "allows one forward per backward)")
