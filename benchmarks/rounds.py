@@ -9,6 +9,8 @@ training, and the FD of the untouched model with 10 steps of EDM's schedule. Eve
 trajectories; no decision looked at them.
 
     .venv/bin/python benchmarks/rounds.py --nfe 4 10 --minutes 20     # about an hour on 2 cores; resumable
+    .venv/bin/python benchmarks/rounds.py --nfe 4 10 --minutes 20 --tag e2e --set per_step_weight=0 \
+        --set end_to_end_weight=1 --set 'train_for="winner"'             # the end-to-end loss (docs/phase2.md)
 
 The runs live in `--out` (rerunning resumes them); the table goes to README.md and docs/phase2.md between
 `<!-- rounds:start -->` and `<!-- rounds:end -->` unless `--no-write`.
@@ -36,17 +38,23 @@ START, END = "<!-- rounds:start -->", "<!-- rounds:end -->"
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-def study_text(minutes: float) -> str:
-    """The default digits study, with only the round's budget changed."""
-    return f'[model]\nkind = "digits"\n\n[phase2]\nmax_minutes = {minutes}\nclock = "cpu"\n'
+def study_text(minutes: float, extra: dict[str, str] | None = None) -> str:
+    """The default digits study, with the round's budget and the `--set` keys of its `[phase2]` table changed.
+
+    `extra` values are TOML literals as given (`per_step_weight=0`, `train_for='"winner"'`), parsed by the CLI's
+    study loader, which refuses unknown keys.
+    """
+    lines = [f"max_minutes = {minutes}", 'clock = "cpu"', *(f"{k} = {v}" for k, v in (extra or {}).items())]
+    return '[model]\nkind = "digits"\n\n[phase2]\n' + "\n".join(lines) + "\n"
 
 
-def run_job(nfe: int, minutes: float, out: Path) -> tuple[dict[str, Any], float]:
+def run_job(nfe: int, minutes: float, out: Path, extra: dict[str, str] | None = None,
+            tag: str = "") -> tuple[dict[str, Any], float]:
     """(results.json, wall seconds of this invocation) of the main job at budget `nfe`; resumes a finished run."""
     out.mkdir(parents=True, exist_ok=True)
-    study = out / f"study_{minutes:g}min.toml"
-    atomic_write_text(study, study_text(minutes))
-    run_dir = out / f"n{nfe}_{minutes:g}min"
+    study = out / f"study_{minutes:g}min{tag}.toml"
+    atomic_write_text(study, study_text(minutes, extra))
+    run_dir = out / f"n{nfe}_{minutes:g}min{tag}"
     cmd = [sys.executable, "-m", "fewstep_search.cli", "run", "--out", str(run_dir), "--quiet"]
     if (run_dir / "config.json").is_file():
         cmd.append("--resume")  # the run's own recorded config
@@ -101,20 +109,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfe", nargs="+", type=int, default=[4, 10])
     ap.add_argument("--minutes", type=float, default=20.0, help="Phase-2 budget (CPU minutes per torch thread)")
     ap.add_argument("--out", type=Path, default=Path("runs/benchmark_rounds"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=TOML",
+                    help="a [phase2] key for every run, e.g. per_step_weight=0 (repeatable)")
+    ap.add_argument("--tag", default="", help="suffix of the run folders (runs with other --set keys)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave README.md and docs/ alone")
     a = ap.parse_args(argv)
+    extra = dict(item.split("=", 1) for item in a.set)
     edm10 = sample_quality_of(ModelSource(kind="digits").load(), make_schedule("edm", 10, SIGMA_MIN, SIGMA_MAX))
     assert edm10 is not None
     rows, walls = [], {}
     for nfe in a.nfe:
-        res, walls[nfe] = run_job(nfe, a.minutes, a.out)
+        res, walls[nfe] = run_job(nfe, a.minutes, a.out, extra, f"_{a.tag}" if a.tag else "")
         rows.append(row(nfe, res, edm10["fd"]))
         print(table(rows), file=sys.stderr)
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
         f"Made by `python benchmarks/rounds.py {argv_text}` on {platform.machine()}, {os.cpu_count()} CPUs "
         f"(`fewstep-search run --budget N --rounds 1` with `phase2.max_minutes = {a.minutes:g}`, "
-        "`phase2.clock = \"cpu\"`). Test E on the test trajectories; FD of 1000 samples from the same noise.",
+        "`phase2.clock = \"cpu\"`" + "".join(f", `phase2.{k} = {v}`" for k, v in extra.items())
+        + "). Test E on the test trajectories; FD of 1000 samples from the same noise.",
         "", table(rows), ""])
     print(body)
     if not a.no_write:
