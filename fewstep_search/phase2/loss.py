@@ -32,7 +32,7 @@ from fewstep_search.phase2.targets import ideal_output
 
 __all__ = [
     "rms_gain", "step_weights", "LossParts", "student_state_loss", "teacher_forced_loss", "fixed_state_loss",
-    "student_state_targets", "solver_chain", "ddim_chain", "end_to_end",
+    "student_state_targets", "solver_chain", "end_to_end",
 ]
 
 StudentFn = Callable[[Tensor, Tensor], Tensor]
@@ -179,11 +179,6 @@ def solver_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...],
     for j in range(len(sigmas) - 1):
         x = chain.advance(j, x, student(x, _sigma_batch(x, sigmas[j])).to(x.dtype))
     return x
-
-
-def ddim_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...]) -> Tensor:
-    """x0_hat of the student's DDIM solve, differentiable through every step."""
-    return solver_chain(student, x_start, sigmas, "ddim")
 
 
 def end_to_end(

@@ -356,27 +356,26 @@ def _step_loss(
     idx = pool.indices(step, batch)
     x, cond = pool.x[idx.to(pool.x.device)], pool.conditions(idx)
     student = _student_fn(model, cond, autocast)
-    if spec.per_step_weight == 0:  # the end-to-end term alone: no per-step targets, no student-state solves
-        e2e = end_to_end(student, x, pool.trajectories(teacher, idx)[-1], cfg.sigmas, cfg.solver)
-        return LossParts(total=spec.end_to_end_weight * e2e, per_step=torch.zeros(len(cfg.sigmas) - 1),
-                         end_to_end=e2e.detach())
-    if mode == "forced":
-        parts = teacher_forced_loss(student, pool.trajectories(teacher, idx), cfg.sigmas, weights)
-    else:
-
-        def compute(todo: Tensor) -> tuple[Tensor, Tensor]:
-            first = pool.first_targets(teacher, todo) if spec.cache_first_target else None
-            bare = _student_fn(module, pool.conditions(todo), autocast)
-            return student_state_targets(bare, pool.teacher_for(teacher, todo).target, pool.x[todo.to(pool.x.device)],
-                                         cfg.sigmas, first_target=first, solver=cfg.solver)
-
-        if spec.target_reuse > 1:
-            states, targets = pool.reused_targets(idx, step, batch, spec.target_reuse, compute)
+    if spec.per_step_weight > 0:
+        if mode == "forced":
+            parts = teacher_forced_loss(student, pool.trajectories(teacher, idx), cfg.sigmas, weights)
         else:
-            states, targets = compute(idx)
-        parts = fixed_state_loss(student, states, targets, cfg.sigmas, weights)
-    if spec.per_step_weight != 1.0:
+
+            def compute(todo: Tensor) -> tuple[Tensor, Tensor]:
+                first = pool.first_targets(teacher, todo) if spec.cache_first_target else None
+                bare = _student_fn(module, pool.conditions(todo), autocast)
+                return student_state_targets(bare, pool.teacher_for(teacher, todo).target,
+                                             pool.x[todo.to(pool.x.device)], cfg.sigmas, first_target=first,
+                                             solver=cfg.solver)
+
+            if spec.target_reuse > 1:
+                states, targets = pool.reused_targets(idx, step, batch, spec.target_reuse, compute)
+            else:
+                states, targets = compute(idx)
+            parts = fixed_state_loss(student, states, targets, cfg.sigmas, weights)
         parts = LossParts(total=spec.per_step_weight * parts.total, per_step=parts.per_step)
+    else:  # the end-to-end term alone: no per-step targets, no student-state solves
+        parts = LossParts(total=weights.new_zeros(()), per_step=torch.zeros(len(cfg.sigmas) - 1))
     if spec.end_to_end_weight > 0:
         x_end = pool.trajectories(teacher, idx)[-1]
         e2e = end_to_end(student, x, x_end, cfg.sigmas, cfg.solver)
