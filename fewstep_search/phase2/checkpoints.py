@@ -75,12 +75,14 @@ class TrainState:
     history: list[dict[str, Any]] | None = None
     config_key: str = ""
     initial: dict[str, float] | None = None
+    pool_size: int | None = None  # one worker's pool as resolved (pool_size = "auto" is timed once per round)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "step": self.step, "seconds": self.seconds, "wall_seconds": self.wall_seconds,
             "teacher_calls": self.teacher_calls,
             "history": self.history or [], "config_key": self.config_key, "initial": self.initial,
+            "pool_size": self.pool_size,
         }
 
     @classmethod
@@ -89,7 +91,7 @@ class TrainState:
             epoch=int(d["epoch"]), step=int(d["step"]), seconds=float(d["seconds"]),
             wall_seconds=float(d.get("wall_seconds", d["seconds"])),
             teacher_calls=int(d.get("teacher_calls", 0)), history=list(d.get("history", [])),
-            config_key=str(d.get("config_key", "")), initial=d.get("initial"),
+            config_key=str(d.get("config_key", "")), initial=d.get("initial"), pool_size=d.get("pool_size"),
         )
 
 

@@ -23,7 +23,29 @@ from torch import Tensor
 from fewstep_search.denoiser import bind_condition
 from fewstep_search.phase2.targets import IntervalTeacher, ideal_output
 
-__all__ = ["NoisePool"]
+__all__ = ["NoisePool", "auto_pool_size", "PER_STEP_POOL", "MAX_POOL_BYTES"]
+
+PER_STEP_POOL = 1024
+"""`pool_size = "auto"` for the per-step loss (and for rounds budgeted in steps): its student-state targets are
+re-solved every `target_reuse` passes, so the teacher's work grows with the passes, not with the pool."""
+
+MAX_POOL_BYTES = 1 << 30
+"""Bytes of cached teacher trajectories an automatic pool may hold per worker (latent-sized models)."""
+
+
+def auto_pool_size(*, budget_seconds: float, seconds_per_sample: float, share: float, batch: int,
+                   sample_bytes: int) -> int:
+    """Pool samples one worker's teacher can solve in `share` of the round's budget (at least one batch).
+
+    Why: with the end-to-end term alone the teacher solves each pool sample once, and every later pass over the
+    pool costs only the student. A pool that is small for the budget is revisited so often that the student
+    learns its noise samples: on the digits model at N = 4, 1024 samples over 20 CPU-minutes (190 passes) drove
+    the pool loss to a quarter of the held-out E^2, while 8192 samples (40% of the budget on the teacher) gave a
+    lower held-out E (docs/phase2.md). A large pool in a short round leaves no time to train, hence a share.
+    """
+    n = int(share * budget_seconds / max(seconds_per_sample, 1e-9))
+    cap = max(batch, MAX_POOL_BYTES // max(1, sample_bytes))
+    return max(batch, min(n, cap))
 
 
 class NoisePool:

@@ -34,13 +34,14 @@ from fewstep_search.objectives import true_error
 from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.loss import (
     LossParts,
-    end_to_end,
+    end_to_end_error,
     fixed_state_loss,
+    solver_chain,
     student_state_targets,
     teacher_forced_loss,
 )
 from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
-from fewstep_search.phase2.pool import NoisePool
+from fewstep_search.phase2.pool import PER_STEP_POOL, NoisePool, auto_pool_size
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
 
@@ -160,6 +161,24 @@ def _student_fn(model: nn.Module, cond: Tensor | None, autocast: bool) -> Callab
     return call
 
 
+class StudentChain(nn.Module):
+    """The student's whole N-step `solver` chain as one module: `forward(x_start, cond) -> x0_hat`.
+
+    Why a module: the end-to-end term calls the student N times before one backward, and DDP (several workers)
+    allows one forward of the wrapped module per backward; wrapping this module instead of the student makes the
+    chain that one forward. Its parameters are the student's own (no copy), so optimizer, EMA and checkpoints
+    still see the student.
+    """
+
+    def __init__(self, student: nn.Module, sigmas: tuple[float, ...], solver: str, autocast: bool) -> None:
+        super().__init__()
+        self.student = student
+        self.sigmas, self.solver, self.autocast = sigmas, solver, autocast
+
+    def forward(self, x_start: Tensor, cond: Tensor | None = None) -> Tensor:
+        return solver_chain(_student_fn(self.student, cond, self.autocast), x_start, self.sigmas, self.solver)
+
+
 def _evaluate(den: Any, cfg: WorkerConfig, device: torch.device) -> dict[str, float]:
     sig = torch.tensor(cfg.sigmas, dtype=torch.float64)
     bs = cfg.spec.eval_batch_size
@@ -185,7 +204,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     if is_conditional(teacher_den):
         counter.conditions = teacher_den.conditions  # type: ignore[attr-defined]
     teacher = IntervalTeacher(counter, cfg.sigmas, spec.max_log_step, spec.teacher_solver,
-                              first_max_log_step=spec.first_max_log_step if spec.pool_size else None)
+                              first_max_log_step=spec.first_max_log_step if spec.pool_size is not None else None)
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
     optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -206,19 +225,25 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         ema.n_averaged.fill_(int(saved.optimizer["ema_updates"]))
         optimizer.load_state_dict(saved.optimizer["optimizer"])
         scheduler.load_state_dict(saved.optimizer["scheduler"])
-    model = ctx.prepare(module)
+    autocast = spec.autocast and device.type == "cuda"
+    chain = StudentChain(module, cfg.sigmas, cfg.solver, autocast) if spec.end_to_end_weight > 0 else None
+    # the one module a step's backward runs through: the chain when it is the whole loss, else the student
+    model = ctx.prepare(chain if chain is not None and spec.per_step_weight == 0 else module)
+    if chain is not None and spec.per_step_weight == 0:
+        chain = model
     weights = torch.tensor(cfg.weights, dtype=torch.float32, device=device)
     world = ctx.world_size
     batch = max(1, math.ceil(spec.batch_size / world))
+    if saved is None or state.pool_size is None:
+        state.pool_size = _pool_size(cfg, ctx, teacher, counter, clock, batch, device)
     pool = NoisePool(
-        max(1, spec.pool_size // world) if spec.pool_size else 1, cfg.shape, cfg.sigmas[0],
+        state.pool_size, cfg.shape, cfg.sigmas[0],
         seed=spec.seed * 1009 + ctx.rank, device=device, dtype=cfg.select.x_start.dtype,
         n_conditions=cfg.n_conditions,
     )
     if saved is not None and saved.pool is not None and ctx.world_size == 1:
         pool.load_cache_state(saved.pool)
     fresh = spec.pool_size is None  # no reuse: new noise every step (the plain baseline)
-    autocast = spec.autocast and device.type == "cuda"
     if resume is None and ctx.rank == 0:
         state.history = []
         state.initial = _evaluate(ema.module, cfg, device)
@@ -232,8 +257,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                 if bool(ctx.any_flag(flags)[1]):
                     break
                 mode = "forced" if clock.progress < spec.teacher_forced_fraction else "student"
-                parts = _step_loss(cfg, pool, teacher, model, module, weights, clock.step, batch, mode, fresh,
-                                   autocast)
+                parts = _step_loss(cfg, pool, teacher, model, module, chain, weights, clock.step, batch, mode,
+                                   fresh, autocast)
                 bad = not bool(torch.isfinite(parts.total))
                 flags = ctx.any_flag(torch.tensor([float(bad), 0.0], device=device))
                 if bool(flags[0]):
@@ -262,6 +287,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                 "per_step_loss": (sums["per_step"] / sums["n"]).tolist(), "grad_norm": sums["grad"] / sums["n"],
                 "lr": float(optimizer.param_groups[0]["lr"]), "mode": mode,
                 "teacher_calls": _all_calls(ctx, state.teacher_calls, device),
+                "pool_size": None if fresh else state.pool_size * world,
             }
             folder = None
             if ctx.rank == 0:
@@ -307,6 +333,36 @@ def _pool_state(pool: NoisePool, world_size: int) -> dict[str, Tensor] | None:
     return pool.cache_state()
 
 
+def _pool_size(cfg: WorkerConfig, ctx: WorkerContext, teacher: IntervalTeacher, counter: CountingDenoiser,
+               clock: Clock, batch: int, device: torch.device) -> int:
+    """One worker's pool: `pool_size` split across workers, or, for `"auto"` with the end-to-end term alone on a
+    timed budget, what the teacher solves in `teacher_share` of it (`auto_pool_size`), timed here on one
+    batched teacher call (on the round's clock) and agreed across workers (the smallest)."""
+    spec, world = cfg.spec, ctx.world_size
+    if spec.pool_size is None:
+        return 1  # fresh noise every step; the pool is unused
+    if spec.pool_size != "auto":
+        return max(1, spec.pool_size // world)
+    if spec.per_step_weight > 0 or spec.max_steps is not None:
+        return max(1, PER_STEP_POOL // world)
+    g = torch.Generator().manual_seed(spec.seed * 7 + 1)
+    x = (cfg.sigmas[0] * torch.randn(batch, *cfg.shape, generator=g, dtype=torch.float64)).to(
+        device=device, dtype=cfg.select.x_start.dtype)
+    sig = torch.full((batch,), cfg.sigmas[0], dtype=x.dtype, device=device)
+    den: Any = counter
+    if cfg.n_conditions:
+        den = bind_condition(counter, torch.zeros(batch, dtype=torch.long, device=device))
+    with torch.no_grad():
+        den(x, sig)  # warm-up (first-call allocations)
+        t0 = clock.seconds
+        den(x, sig)
+        per_call = max(clock.seconds - t0, 1e-6) / batch
+    size = auto_pool_size(budget_seconds=60.0 * spec.max_minutes, seconds_per_sample=per_call *
+                          teacher.calls_per_sample(), share=spec.teacher_share, batch=batch,
+                          sample_bytes=len(cfg.sigmas) * x[0].numel() * x.element_size())
+    return int(-ctx.any_flag(torch.tensor([-float(size)], device=device))[0])
+
+
 def _pick_resume(restored: Path | None, resume_from: str | None) -> Path | None:
     """The newer of Ray's restored checkpoint and the round folder's newest complete one."""
     options = [Path(p) for p in (restored, resume_from) if p is not None and (Path(p) / "state.json").is_file()]
@@ -334,13 +390,14 @@ def _append_epoch(root: Path, metrics: dict[str, Any]) -> None:
 
 def _step_loss(
     cfg: WorkerConfig, pool: NoisePool, teacher: IntervalTeacher, model: nn.Module, module: nn.Module,
-    weights: Tensor, step: int, batch: int, mode: str, fresh: bool, autocast: bool,
+    chain: nn.Module | None, weights: Tensor, step: int, batch: int, mode: str, fresh: bool, autocast: bool,
 ) -> LossParts:
     """One batch's loss (see `fewstep_search.phase2.loss`); the pool supplies noise and cached teacher work.
 
     Every mode ends in one batched forward of the (possibly DDP-wrapped) `model` over the N states: the states
     themselves come without gradients (the student's own DDIM chain through the bare `module`, or the
-    teacher's trajectory), which is the loss's definition and what DDP needs (one forward per backward).
+    teacher's trajectory), which is the loss's definition and what DDP needs (one forward per backward). The
+    end-to-end term runs through `chain` (`StudentChain`; DDP-wrapped as `model` when it is the whole loss).
     """
     spec = cfg.spec
     if fresh:
@@ -377,8 +434,9 @@ def _step_loss(
     else:  # the end-to-end term alone: no per-step targets, no student-state solves
         parts = LossParts(total=weights.new_zeros(()), per_step=torch.zeros(len(cfg.sigmas) - 1))
     if spec.end_to_end_weight > 0:
+        assert chain is not None
         x_end = pool.trajectories(teacher, idx)[-1]
-        e2e = end_to_end(student, x, x_end, cfg.sigmas, cfg.solver)
+        e2e = end_to_end_error(chain(x, cond), x_end)
         parts = LossParts(total=parts.total + spec.end_to_end_weight * e2e, per_step=parts.per_step,
                           end_to_end=e2e.detach())
     return parts

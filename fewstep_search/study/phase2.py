@@ -6,7 +6,7 @@ docs/phase2.md; the defaults are the settings that did best there on the built-i
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -38,8 +38,13 @@ class Phase2Spec(Strict):
         default="auto", description="rk4: RK4 in log sigma; rk4_exp: on the exponential-integrator form; auto: "
         "rk4_exp above sigma 1, rk4 below"
     )
-    pool_size: int | None = Field(
-        default=1024, ge=1, description="fixed pool of starting noise (teacher work cached per sample); None: fresh"
+    pool_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default="auto", description="fixed pool of starting noise (teacher work cached per sample); None: fresh "
+        "noise; auto: 1024 for the per-step loss, sized by teacher_share for the end-to-end term alone"
+    )
+    teacher_share: float = Field(
+        default=0.4, gt=0, lt=1, description="with pool_size = auto and the end-to-end term alone: the share of "
+        "a timed round's budget the teacher's solves of the pool may take"
     )
     cache_first_target: bool = Field(default=True, description="reuse the first interval's target per pool sample")
     target_reuse: int = Field(
@@ -79,7 +84,7 @@ class Phase2Spec(Strict):
             raise ValueError("per_step_weight and end_to_end_weight are both 0: the round would train on nothing")
         if self.per_step_weight == 0 and self.teacher_forced_fraction > 0:
             raise ValueError("teacher_forced_fraction warms up the per-step loss; per_step_weight = 0 has none")
-        if self.workers > 1 and self.end_to_end_weight > 0:
-            raise ValueError("end_to_end_weight needs workers = 1 (its chain calls the model N times per step; DDP "
-                             "allows one forward per backward)")
+        if self.workers > 1 and self.end_to_end_weight > 0 and self.per_step_weight > 0:
+            raise ValueError("end_to_end_weight beside the per-step loss needs workers = 1 (DDP allows one forward "
+                             "per backward; per_step_weight = 0, the end-to-end term alone, runs on several)")
         return self
