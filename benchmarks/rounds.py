@@ -8,12 +8,14 @@ first-order pick (what Phase-2 trains), the round's test E and FD, the cut again
 training, and the FD of the untouched model with 10 steps of EDM's schedule. Every number is on the test
 trajectories; no decision looked at them.
 
-    .venv/bin/python benchmarks/rounds.py --nfe 4 10 --minutes 20     # about an hour on 2 cores; resumable
-    .venv/bin/python benchmarks/rounds.py --nfe 4 10 --minutes 20 --tag e2e --set per_step_weight=0 \
-        --set end_to_end_weight=1 --set 'train_for="winner"'             # the end-to-end loss (docs/phase2.md)
+    .venv/bin/python benchmarks/rounds.py --nfe 4 10 --minutes 20 --tag e2e8k --set per_step_weight=0 \
+        --set end_to_end_weight=1 --set 'train_for="winner"' --set pool_size=8192   # ~50 min on 2 cores
+    .venv/bin/python benchmarks/rounds.py --nfe 4 10 --minutes 20 --tag per-step --set per_step_weight=1 \
+        --set end_to_end_weight=0 --set 'train_for="first_order"'        # the per-step loss (the old default)
 
 The runs live in `--out` (rerunning resumes them); the table goes to README.md and docs/phase2.md between
-`<!-- rounds:start -->` and `<!-- rounds:end -->` unless `--no-write`.
+`<!-- rounds:start -->` and `<!-- rounds:end -->` (`<!-- rounds-TAG:start -->` ... with `--tag TAG`) unless
+`--no-write`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from fewstep_search.quality import sample_quality_of
 from fewstep_search.schedules import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- rounds:start -->", "<!-- rounds:end -->"
+def markers(tag: str) -> tuple[str, str]:
+    """The README / docs block a run's table fills: `rounds` for the default settings, `rounds-TAG` for a tag."""
+    name = f"rounds-{tag}" if tag else "rounds"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
@@ -72,7 +77,7 @@ def row(nfe: int, res: dict[str, Any], edm10_fd: float) -> dict[str, Any]:
     minutes = hist[-1]["seconds"] / 60.0
     return {
         "nfe": nfe, "phase1": p1["name"], "phase1_test": p1["test_error"], "phase1_fd": p1.get("fd"),
-        "pick": pick["name"], "pick_test": pick["test_error"],
+        "pick": pick["name"], "pick_solver": pick.get("solver", "ddim"), "pick_test": pick["test_error"],
         "round_test": rnd["test_error"], "round_fd": rnd.get("fd"),
         "minutes": minutes, "wall_minutes": hist[-1]["wall_seconds"] / 60.0, "steps": hist[-1]["step"],
         "cut_pick": 1 - rnd["test_error"] / pick["test_error"],
@@ -82,26 +87,28 @@ def row(nfe: int, res: dict[str, Any], edm10_fd: float) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| N | Phase-1 winner, untouched model | its test E / FD | first-order pick (trained) | its test E | "
-            "round 1 test E / FD | cut vs pick | cut vs Phase-1 winner | cut vs pick per min | training min "
-            "(CPU / wall) | steps | FD untouched, EDM 10 steps | pair kept |")
+    head = ("| N | Phase-1 winner, untouched model | its test E / FD | trained pick (solver) | its test E | "
+            "round 1 test E / FD | cut vs pick | cut vs Phase-1 winner | cut vs Phase-1 winner per min | training "
+            "min (CPU / wall) | steps | FD untouched, EDM 10 steps | pair kept |")
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         kept = "round 1" if r["best"] == 1 else "Phase-1 (untouched)"
         lines.append(
-            f"| {r['nfe']} | `{r['phase1']}` | {r['phase1_test']:.4f} / {r['phase1_fd']:.2f} | `{r['pick']}` | "
-            f"{r['pick_test']:.4f} | {r['round_test']:.4f} / {r['round_fd']:.2f} | {100 * r['cut_pick']:.1f}% | "
-            f"{100 * r['cut_phase1']:.1f}% | {100 * r['cut_pick'] / r['minutes']:.2f}% | "
+            f"| {r['nfe']} | `{r['phase1']}` | {r['phase1_test']:.4f} / {r['phase1_fd']:.2f} | `{r['pick']}` "
+            f"({r['pick_solver']}) | {r['pick_test']:.4f} | {r['round_test']:.4f} / {r['round_fd']:.2f} | "
+            f"{100 * r['cut_pick']:.1f}% | {100 * r['cut_phase1']:.1f}% | "
+            f"{100 * r['cut_phase1'] / r['minutes']:.2f}% | "
             f"{r['minutes']:.1f} / {r['wall_minutes']:.1f} | {r['steps']} | {r['edm10_fd']:.2f} | {kept} |")
     return "\n".join(lines)
 
 
-def write_block(path: Path, body: str) -> None:
+def write_block(path: Path, body: str, tag: str = "") -> None:
+    start, end = markers(tag)
     text = path.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{path}: no {START} ... {END} block to fill")
-    head, rest = text.split(START, 1)
-    atomic_write_text(path, f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}")
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no {start} ... {end} block to fill")
+    head, rest = text.split(start, 1)
+    atomic_write_text(path, f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if not a.no_write:
         for path in (ROOT / "README.md", ROOT / "docs" / "phase2.md"):
-            write_block(path, body)
+            write_block(path, body, a.tag)
     return 0
 
 

@@ -23,7 +23,8 @@ from fewstep_search.phase2.trainer import _config_key
 from fewstep_search.schedules import make_schedule
 from fewstep_search.study.phase2 import Phase2Spec
 
-E2E = {"per_step_weight": 0.0, "end_to_end_weight": 1.0}
+E2E = {"per_step_weight": 0.0, "end_to_end_weight": 1.0}  # the default loss, spelled out
+PER_STEP = {"per_step_weight": 1.0, "end_to_end_weight": 0.0}
 
 
 def test_the_pool_holds_what_the_teacher_solves_in_its_share_of_the_budget() -> None:
@@ -43,8 +44,10 @@ def test_auto_is_the_old_pool_for_the_per_step_loss_and_a_new_key_for_the_end_to
     def key(**kw: object) -> str:
         return _config_key(src, src, sig, Phase2Spec(**kw))
 
-    assert key() == key(pool_size=PER_STEP_POOL)  # rounds of the old default resume under the new one
-    assert key() == key(teacher_share=0.9)  # no effect there, so not part of the key
+    # per-step rounds made when 1024 was the default pool resume under "auto"
+    assert key(**PER_STEP) == key(**PER_STEP, pool_size=PER_STEP_POOL)
+    assert key(**PER_STEP) == key(**PER_STEP, teacher_share=0.9)  # no effect there, so not part of the key
+    assert key() == key(**E2E)
     assert key(**E2E) != key(**E2E, pool_size=PER_STEP_POOL)
     assert key(**E2E) != key(**E2E, teacher_share=0.9)
     assert key(**E2E, max_steps=5) == key(**E2E, max_steps=5, pool_size=PER_STEP_POOL)  # no budget to size by

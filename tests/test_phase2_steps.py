@@ -59,7 +59,7 @@ def test_an_ipndm_round_trains_for_ipndm_and_its_weights_carry_the_ab_factor(tmp
     torch.testing.assert_close(w_ipndm, w_ddim * a0.square())
     src = ModelSource.of(teacher)
     spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
-                      pool_size=32, max_log_step=1.0)
+                      pool_size=32, max_log_step=1.0, per_step_weight=1.0, end_to_end_weight=0.0)
     res = fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "ipndm",
                     engine="local", solver="ipndm")
     assert res.history[-1]["loss"] < 0.9 * res.history[0]["loss"]
@@ -98,6 +98,6 @@ def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_
     solve += calls_for(s[0], s[1], max_log_step=0.25, solver="auto")  # the first interval's finer bound
     assert res.teacher_calls <= 32 * solve  # 24 steps x 16 samples = 12 passes over the pool: solved once each
     with pytest.raises(ValueError, match="train on nothing"):
-        Phase2Spec(per_step_weight=0.0)
+        Phase2Spec(end_to_end_weight=0.0)  # the default per_step_weight is 0
     with pytest.raises(ValueError, match="warms up the per-step loss"):
         Phase2Spec(per_step_weight=0.0, end_to_end_weight=1.0, teacher_forced_fraction=0.5)

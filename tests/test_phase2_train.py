@@ -45,8 +45,10 @@ def sched() -> Schedule:
 
 
 def _spec(**kw: object) -> Phase2Spec:
+    """The per-step loss, whose machinery (targets, reuse, warm start) this file tests; the default end-to-end
+    loss is tested in test_phase2_steps.py, test_phase2_pool_auto.py and through the loop's tests."""
     base = {"max_steps": 12, "batch_size": 16, "steps_per_epoch": 3, "lr": 2e-3, "lr_final": 2e-4,
-            "warmup_steps": 2, "pool_size": 32, "max_log_step": 1.0}
+            "warmup_steps": 2, "pool_size": 32, "max_log_step": 1.0, "per_step_weight": 1.0, "end_to_end_weight": 0.0}
     return Phase2Spec(**{**base, **kw})
 
 

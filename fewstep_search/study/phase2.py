@@ -53,13 +53,16 @@ class Phase2Spec(Strict):
     teacher_forced_fraction: float = Field(
         default=0.0, ge=0, le=1, description="share of the budget trained on the teacher's own trajectory first"
     )
-    end_to_end_weight: float = Field(default=0.0, ge=0, description="weight of ||x0_hat - x0*||^2")
+    end_to_end_weight: float = Field(
+        default=1.0, ge=0, description="weight of ||x0_hat - x0*||^2 (the student's whole chain against the "
+        "teacher's end point; alone by default, which needs the teacher once per pool sample)"
+    )
     per_step_weight: float = Field(
-        default=1.0, ge=0, description="weight of the per-step loss (0 with end_to_end_weight > 0: the end-to-end "
-        "term alone, which needs the teacher once per pool sample)"
+        default=0.0, ge=0, description="weight of the per-step loss (1 with end_to_end_weight = 0: the per-step "
+        "loss alone, the default before the end-to-end term measured better; docs/phase2.md)"
     )
     train_for: Literal["first_order", "winner"] = Field(
-        default="first_order", description="the sampler a round trains for: first_order (DDIM: the winner when "
+        default="winner", description="the sampler a round trains for: first_order (DDIM: the winner when "
         "it is first order, else the best first-order candidate) or winner (the search winner's solver when "
         "Phase-2 can train it: DDIM, Euler, iPNDM; docs/phase2.md measures both)"
     )
@@ -79,11 +82,14 @@ class Phase2Spec(Strict):
         if self.pool_size is None and (
             self.teacher_forced_fraction > 0 or self.end_to_end_weight > 0 or self.target_reuse > 1
         ):
-            raise ValueError("teacher_forced_fraction, end_to_end_weight and target_reuse need a pool (pool_size)")
+            raise ValueError("teacher_forced_fraction, end_to_end_weight (the default loss) and target_reuse need a "
+                             "pool (pool_size); fresh noise: per_step_weight = 1, end_to_end_weight = 0, "
+                             "target_reuse = 1")
         if self.per_step_weight == 0 and self.end_to_end_weight == 0:
             raise ValueError("per_step_weight and end_to_end_weight are both 0: the round would train on nothing")
         if self.per_step_weight == 0 and self.teacher_forced_fraction > 0:
-            raise ValueError("teacher_forced_fraction warms up the per-step loss; per_step_weight = 0 has none")
+            raise ValueError("teacher_forced_fraction warms up the per-step loss, which per_step_weight = 0 (the "
+                             "default) turns off; set per_step_weight = 1 and end_to_end_weight = 0 for it")
         if self.workers > 1 and self.end_to_end_weight > 0 and self.per_step_weight > 0:
             raise ValueError("end_to_end_weight beside the per-step loss needs workers = 1 (DDP allows one forward "
                              "per backward; per_step_weight = 0, the end-to-end term alone, runs on several)")

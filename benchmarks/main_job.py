@@ -1,0 +1,77 @@
+"""The README's "main job" tables, from a finished run folder: each phase's wall time and each pair's errors.
+
+    make demo                                            # or: fewstep-search run --budget 10 --out runs/demo
+    .venv/bin/python benchmarks/main_job.py runs/demo    # writes README.md between the main-job markers
+
+Reads only the run's `results.json` (nothing is re-measured): `timings` (wall seconds per phase, as the run
+recorded them), `baselines` (the untouched model with its best heuristic and with the Phase-1 winner) and
+`rounds`. Every E is on the bank's test trajectories; the pair kept was picked on select E.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from fewstep_search.atomic import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- main-job:start -->", "<!-- main-job:end -->"
+
+
+def _fd(row: dict[str, Any]) -> str:
+    return f"{row['fd']:.2f}" if row.get("fd") is not None else "-"
+
+
+def tables(res: dict[str, Any]) -> str:
+    t = res["timings"]
+    named = {k: v for k, v in t.items() if k != "total"}
+    lines = ["| phase | wall time |", "|---|---|"]
+    for key, sec in named.items():
+        lines.append(f"| {key.replace('_', ' ')} | {sec:.0f} s |")
+    rest = t["total"] - sum(named.values())
+    lines += [f"| the rest (final FD of each pair, figures, Ray start and stop) | {rest:.0f} s |",
+              f"| **total** | **{t['total']:.0f} s** |", ""]
+    lines += [f"| pair (NFE = {res['nfe']}) | schedule (solver) | E select | E test | FD |", "|---|---|---|---|---|"]
+    base = res["baselines"]
+    rows = [("untouched model, best heuristic", base["best_heuristic"]),
+            ("untouched model, Phase-1 winner", base["phase1"])]
+    rows += [(f"round {r['round']}: fine-tuned ({len(r['phase2']['history'])} epochs, "
+              f"{r['phase2']['history'][-1]['step'] if r['phase2']['history'] else 0} steps)",
+              {**r["schedule"], "select_error": r["select_error"], "test_error": r["test_error"], "fd": r.get("fd")})
+             for r in res["rounds"]]
+    kept = res["best"]["round"]
+    for i, (label, row) in enumerate(rows):
+        is_kept = (kept == 0 and i == 1) or (kept == i - 1 and i >= 2)
+        lines.append(f"| {label}{' (kept)' if is_kept else ''} | `{row['name']}` ({row.get('solver', 'ddim')}) | "
+                     f"{row['select_error']:.4f} | {row['test_error']:.4f} | {_fd(row)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    a = ap.parse_args(argv)
+    res = json.loads((a.run_dir / "results.json").read_text())
+    body = (f"From `{a.run_dir}/results.json` by `python benchmarks/main_job.py {a.run_dir}` "
+            f"({platform.machine()}, {os.cpu_count()} CPUs).\n\n{tables(res)}\n")
+    print(body)
+    if not a.no_write:
+        path = ROOT / "README.md"
+        text = path.read_text()
+        if START not in text or END not in text:
+            print(f"{path}: no {START} ... {END} block to fill", file=sys.stderr)
+            return 1
+        head, rest = text.split(START, 1)
+        atomic_write_text(path, f"{head}{START}\n{body}{END}{rest.split(END, 1)[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
