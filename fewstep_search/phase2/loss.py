@@ -21,10 +21,11 @@ from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] -> sigmas[j + 1].
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fewstep_search.bank import Bank
 from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, SamplerChain, step_gains
@@ -32,7 +33,7 @@ from fewstep_search.phase2.targets import ideal_output
 
 __all__ = [
     "rms_gain", "step_weights", "LossParts", "student_state_loss", "teacher_forced_loss", "fixed_state_loss",
-    "student_state_targets", "solver_chain", "end_to_end", "end_to_end_error",
+    "student_state_targets", "solver_chain", "end_to_end", "end_to_end_error", "bind_student", "StudentChain",
 ]
 
 StudentFn = Callable[[Tensor, Tensor], Tensor]
@@ -195,3 +196,36 @@ def end_to_end(
 def end_to_end_error(x0_hat: Tensor, x_end: Tensor) -> Tensor:
     """mean_batch ||x0_hat - x0*||^2 of a chain's end point already computed (a DDP-wrapped chain module)."""
     return _sq(x0_hat, x_end).mean()
+
+
+def bind_student(model: nn.Module, cond: Tensor | None, autocast: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    """The student as `(x, sigma) -> D` with the batch's conditions bound (tiled for the N-step batched call)."""
+
+    def call(x: Tensor, sigma: Tensor) -> Tensor:
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+        with ctx:
+            if cond is None:
+                out = model(x, sigma)
+            else:
+                out = model(x, sigma, cond.repeat(x.shape[0] // cond.shape[0]))
+        return out.to(x.dtype)
+
+    return call
+
+
+class StudentChain(nn.Module):
+    """The student's whole N-step `solver` chain as one module: `forward(x_start, cond) -> x0_hat`.
+
+    Why a module: the end-to-end term calls the student N times before one backward, and DDP (several workers)
+    allows one forward of the wrapped module per backward; wrapping this module instead of the student makes the
+    chain that one forward. Its parameters are the student's own (no copy), so optimizer, EMA and checkpoints
+    still see the student.
+    """
+
+    def __init__(self, student: nn.Module, sigmas: tuple[float, ...], solver: str, autocast: bool) -> None:
+        super().__init__()
+        self.student = student
+        self.sigmas, self.solver, self.autocast = sigmas, solver, autocast
+
+    def forward(self, x_start: Tensor, cond: Tensor | None = None) -> Tensor:
+        return solver_chain(bind_student(self.student, cond, self.autocast), x_start, self.sigmas, self.solver)

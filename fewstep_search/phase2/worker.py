@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,9 +33,10 @@ from fewstep_search.objectives import true_error
 from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.loss import (
     LossParts,
+    StudentChain,
+    bind_student,
     end_to_end_error,
     fixed_state_loss,
-    solver_chain,
     student_state_targets,
     teacher_forced_loss,
 )
@@ -144,39 +144,6 @@ def load_student(source: ModelSource, device: torch.device, *, dropout: bool) ->
             p.requires_grad_(True)  # a loaded model may arrive frozen (inference-only weights)
     module.train(dropout)
     return den, module
-
-
-def _student_fn(model: nn.Module, cond: Tensor | None, autocast: bool) -> Callable[[Tensor, Tensor], Tensor]:
-    """The student as `(x, sigma) -> D` with the batch's conditions bound (tiled for the N-step batched call)."""
-
-    def call(x: Tensor, sigma: Tensor) -> Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
-        with ctx:
-            if cond is None:
-                out = model(x, sigma)
-            else:
-                out = model(x, sigma, cond.repeat(x.shape[0] // cond.shape[0]))
-        return out.to(x.dtype)
-
-    return call
-
-
-class StudentChain(nn.Module):
-    """The student's whole N-step `solver` chain as one module: `forward(x_start, cond) -> x0_hat`.
-
-    Why a module: the end-to-end term calls the student N times before one backward, and DDP (several workers)
-    allows one forward of the wrapped module per backward; wrapping this module instead of the student makes the
-    chain that one forward. Its parameters are the student's own (no copy), so optimizer, EMA and checkpoints
-    still see the student.
-    """
-
-    def __init__(self, student: nn.Module, sigmas: tuple[float, ...], solver: str, autocast: bool) -> None:
-        super().__init__()
-        self.student = student
-        self.sigmas, self.solver, self.autocast = sigmas, solver, autocast
-
-    def forward(self, x_start: Tensor, cond: Tensor | None = None) -> Tensor:
-        return solver_chain(_student_fn(self.student, cond, self.autocast), x_start, self.sigmas, self.solver)
 
 
 def _evaluate(den: Any, cfg: WorkerConfig, device: torch.device) -> dict[str, float]:
@@ -397,7 +364,7 @@ def _step_loss(
     Every mode ends in one batched forward of the (possibly DDP-wrapped) `model` over the N states: the states
     themselves come without gradients (the student's own DDIM chain through the bare `module`, or the
     teacher's trajectory), which is the loss's definition and what DDP needs (one forward per backward). The
-    end-to-end term runs through `chain` (`StudentChain`; DDP-wrapped as `model` when it is the whole loss).
+    end-to-end term runs through `chain` (`loss.StudentChain`; DDP-wrapped as `model` when it is the whole loss).
     """
     spec = cfg.spec
     if fresh:
@@ -407,12 +374,12 @@ def _step_loss(
         cond = None if cfg.n_conditions == 0 else torch.randint(0, cfg.n_conditions, (batch,), generator=g)
         cond = None if cond is None else cond.to(weights.device)
         bound = teacher if cond is None else dataclasses.replace(teacher, teacher=bind_condition(teacher.teacher, cond))
-        states, targets = student_state_targets(_student_fn(module, cond, autocast), bound.target, x, cfg.sigmas,
+        states, targets = student_state_targets(bind_student(module, cond, autocast), bound.target, x, cfg.sigmas,
                                                 solver=cfg.solver)
-        return fixed_state_loss(_student_fn(model, cond, autocast), states, targets, cfg.sigmas, weights)
+        return fixed_state_loss(bind_student(model, cond, autocast), states, targets, cfg.sigmas, weights)
     idx = pool.indices(step, batch)
     x, cond = pool.x[idx.to(pool.x.device)], pool.conditions(idx)
-    student = _student_fn(model, cond, autocast)
+    student = bind_student(model, cond, autocast)
     if spec.per_step_weight > 0:
         if mode == "forced":
             parts = teacher_forced_loss(student, pool.trajectories(teacher, idx), cfg.sigmas, weights)
@@ -420,7 +387,7 @@ def _step_loss(
 
             def compute(todo: Tensor) -> tuple[Tensor, Tensor]:
                 first = pool.first_targets(teacher, todo) if spec.cache_first_target else None
-                bare = _student_fn(module, pool.conditions(todo), autocast)
+                bare = bind_student(module, pool.conditions(todo), autocast)
                 return student_state_targets(bare, pool.teacher_for(teacher, todo).target,
                                              pool.x[todo.to(pool.x.device)], cfg.sigmas, first_target=first,
                                              solver=cfg.solver)
