@@ -39,9 +39,10 @@ def auto_pool_size(*, budget_seconds: float, seconds_per_sample: float, share: f
 
     Why: with the end-to-end term alone the teacher solves each pool sample once, and every later pass over the
     pool costs only the student. A pool that is small for the budget is revisited so often that the student
-    learns its noise samples: on the digits model at N = 4, 1024 samples over 20 CPU-minutes (190 passes) drove
-    the pool loss to a quarter of the held-out E^2, while 8192 samples (40% of the budget on the teacher) gave a
-    lower held-out E (docs/phase2.md). A large pool in a short round leaves no time to train, hence a share.
+    learns its noise samples: on the digits model at N = 4, 1024 samples (81 passes by step 1300) drove the pool
+    loss to a tenth of its start while the held-out errors stalled and rose, and 8192 samples (about 40% of the
+    20-minute budget on the teacher) ended lower (docs/phase2.md, "How large a pool"). A large pool in a short
+    round leaves no time to train, hence a share of the budget.
     """
     n = int(share * budget_seconds / max(seconds_per_sample, 1e-9))
     cap = max(batch, MAX_POOL_BYTES // max(1, sample_bytes))
