@@ -22,8 +22,9 @@ from torch import Tensor
 
 from fewstep_search.denoiser import bind_condition
 from fewstep_search.phase2.targets import IntervalTeacher, ideal_output
+from fewstep_search.study.phase2 import Phase2Spec
 
-__all__ = ["NoisePool", "auto_pool_size", "PER_STEP_POOL", "MAX_POOL_BYTES"]
+__all__ = ["NoisePool", "auto_pool_size", "untimed_pool_size", "PER_STEP_POOL", "MAX_POOL_BYTES"]
 
 PER_STEP_POOL = 1024
 """`pool_size = "auto"` for the per-step loss (and for rounds budgeted in steps): its student-state targets are
@@ -31,6 +32,16 @@ re-solved every `target_reuse` passes, so the teacher's work grows with the pass
 
 MAX_POOL_BYTES = 1 << 30
 """Bytes of cached teacher trajectories an automatic pool may hold per worker (latent-sized models)."""
+
+
+def untimed_pool_size(spec: Phase2Spec) -> int | None:
+    """The whole pool `spec` asks for without timing the teacher, or None when `"auto"` sizes it by time (the
+    end-to-end term alone on a timed budget). Fresh noise (`pool_size = None`) is the trainer's own case."""
+    if spec.pool_size != "auto":
+        return spec.pool_size
+    if spec.per_step_weight > 0 or spec.max_steps is not None:
+        return PER_STEP_POOL
+    return None
 
 
 def auto_pool_size(*, budget_seconds: float, seconds_per_sample: float, share: float, batch: int,

@@ -34,7 +34,7 @@ from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.objectives import check_endpoints
 from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.loss import step_weights
-from fewstep_search.phase2.pool import PER_STEP_POOL
+from fewstep_search.phase2.pool import untimed_pool_size
 from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, check_phase2_solver
 from fewstep_search.phase2.worker import LocalContext, WorkerConfig, run_worker
 from fewstep_search.schedules import Schedule
@@ -94,8 +94,8 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
                                             "train_for"})  # train_for: the loop's choice of solver, keyed below
     if budget_free.get("per_step_weight") == 1.0:  # rounds from before the setting existed keep their keys
         del budget_free["per_step_weight"]
-    if spec.pool_size == "auto" and (spec.per_step_weight > 0 or spec.max_steps is not None):
-        budget_free["pool_size"] = PER_STEP_POOL  # what "auto" is there: the same key as the old default
+    if spec.pool_size == "auto" and (fixed := untimed_pool_size(spec)) is not None:
+        budget_free["pool_size"] = fixed  # what "auto" is there: the same key as the old default
     if budget_free["pool_size"] != "auto":
         del budget_free["teacher_share"]  # no effect on such a round
     parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]

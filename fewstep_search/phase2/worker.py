@@ -41,7 +41,7 @@ from fewstep_search.phase2.loss import (
     teacher_forced_loss,
 )
 from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
-from fewstep_search.phase2.pool import PER_STEP_POOL, NoisePool, auto_pool_size
+from fewstep_search.phase2.pool import NoisePool, auto_pool_size, untimed_pool_size
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
 
@@ -194,9 +194,10 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         scheduler.load_state_dict(saved.optimizer["scheduler"])
     autocast = spec.autocast and device.type == "cuda"
     chain = StudentChain(module, cfg.sigmas, cfg.solver, autocast) if spec.end_to_end_weight > 0 else None
-    # the one module a step's backward runs through: the chain when it is the whole loss, else the student
-    model = ctx.prepare(chain if chain is not None and spec.per_step_weight == 0 else module)
-    if chain is not None and spec.per_step_weight == 0:
+    # the one module a step's backward runs through: the chain when it is the whole loss (per_step_weight = 0
+    # implies end_to_end_weight > 0, Phase2Spec checks it), else the student
+    model = ctx.prepare(chain if spec.per_step_weight == 0 else module)
+    if spec.per_step_weight == 0:
         chain = model
     weights = torch.tensor(cfg.weights, dtype=torch.float32, device=device)
     world = ctx.world_size
@@ -308,10 +309,8 @@ def _pool_size(cfg: WorkerConfig, ctx: WorkerContext, teacher: IntervalTeacher, 
     spec, world = cfg.spec, ctx.world_size
     if spec.pool_size is None:
         return 1  # fresh noise every step; the pool is unused
-    if spec.pool_size != "auto":
-        return max(1, spec.pool_size // world)
-    if spec.per_step_weight > 0 or spec.max_steps is not None:
-        return max(1, PER_STEP_POOL // world)
+    if (fixed := untimed_pool_size(spec)) is not None:
+        return max(1, fixed // world)
     g = torch.Generator().manual_seed(spec.seed * 7 + 1)
     x = (cfg.sigmas[0] * torch.randn(batch, *cfg.shape, generator=g, dtype=torch.float64)).to(
         device=device, dtype=cfg.select.x_start.dtype)
