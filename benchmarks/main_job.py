@@ -14,14 +14,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
-from fewstep_search.atomic import atomic_write_text
+from _blocks import replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- main-job:start -->", "<!-- main-job:end -->"
 
 
 def _fd(row: dict[str, Any]) -> str:
@@ -63,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({platform.machine()}, {os.cpu_count()} CPUs).\n\n{tables(res)}\n")
     print(body)
     if not a.no_write:
-        path = ROOT / "README.md"
-        text = path.read_text()
-        if START not in text or END not in text:
-            print(f"{path}: no {START} ... {END} block to fill", file=sys.stderr)
-            return 1
-        head, rest = text.split(START, 1)
-        atomic_write_text(path, f"{head}{START}\n{body}{END}{rest.split(END, 1)[1]}")
+        replace_block(ROOT / "README.md", "main-job", body.rstrip("\n"))
     return 0
 
 

@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 from _banks import MODELS, cached_bank
+from _blocks import replace_block
 
-from fewstep_search.atomic import atomic_path, atomic_write_json, atomic_write_text
+from fewstep_search.atomic import atomic_path, atomic_write_json
 from fewstep_search.bank import Bank
 from fewstep_search.phase1.budget import auto_fit_trajectories
 from fewstep_search.phase1.engine import InProcessExecutor, TieredExecutor, TrialContext, run_phase1
@@ -54,7 +55,6 @@ PEER_METHOD = {"gits": "GITS", "dm_nonuniform": "DM-NonUniform", "ays": "AYS-sty
                "b0_dp": "B_0"}
 SAMPLES_NFE = 4
 SCHEDULES_NFE = 6
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def peer_specs() -> list[TrialSpec]:
@@ -294,15 +294,6 @@ def sample_grid(results: Sequence[dict[str, Any]], folder: Path) -> Path | None:
     return save_sample_grid(folder / "results_samples.png", rows)
 
 
-def replace_block(path: Path, block: str) -> None:
-    text = path.read_text() if path.is_file() else f"{START}\n{END}\n"
-    if START not in text or END not in text:
-        raise SystemExit(f"{path} has no {START} ... {END} block to replace")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(path, f"{head}{START}\n{block}\n{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["mixture", "digits"], choices=list(MODELS))
@@ -331,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     figs = [*plots(results, ROOT / "docs"), sample_grid(results, ROOT / "docs")]
     pics = "\n".join(f"![{p.stem}]({p.name})" for p in figs if p is not None)
-    replace_block(ROOT / "docs" / "results.md", f"{body}\n{pics}\n\n{footer}")
-    replace_block(ROOT / "README.md", body.replace("](", "](docs/") + f"\n{footer}\n\nPlots and the per-method "
-                  "sample grid: [docs/results.md](docs/results.md).")
+    replace_block(ROOT / "docs" / "results.md", "results", f"{body}\n{pics}\n\n{footer}", create=True)
+    replace_block(ROOT / "README.md", "results", body.replace("](", "](docs/") + f"\n{footer}\n\nPlots and the "
+                  "per-method sample grid: [docs/results.md](docs/results.md).")
     return 0
 
 

@@ -30,16 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _blocks import replace_block
+
 from fewstep_search.atomic import atomic_write_text
 from fewstep_search.models.source import ModelSource
 from fewstep_search.quality import sample_quality_of
 from fewstep_search.schedules import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
-def markers(tag: str) -> tuple[str, str]:
-    """The README / docs block a run's table fills: `rounds` for the default settings, `rounds-TAG` for a tag."""
-    name = f"rounds-{tag}" if tag else "rounds"
-    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
@@ -102,15 +100,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_block(path: Path, body: str, tag: str = "") -> None:
-    start, end = markers(tag)
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path}: no {start} ... {end} block to fill")
-    head, rest = text.split(start, 1)
-    atomic_write_text(path, f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nfe", nargs="+", type=int, default=[4, 10])
@@ -139,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if not a.no_write:
         for path in (ROOT / "README.md", ROOT / "docs" / "phase2.md"):
-            write_block(path, body, a.tag)
+            replace_block(path, f"rounds-{a.tag}" if a.tag else "rounds", body)
     return 0
 
 

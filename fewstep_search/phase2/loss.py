@@ -33,7 +33,7 @@ from fewstep_search.phase2.targets import ideal_output
 
 __all__ = [
     "rms_gain", "step_weights", "LossParts", "student_state_loss", "teacher_forced_loss", "fixed_state_loss",
-    "student_state_targets", "solver_chain", "end_to_end", "end_to_end_error", "bind_student", "StudentChain",
+    "student_state_targets", "solver_chain", "end_to_end_error", "bind_student", "StudentChain",
 ]
 
 StudentFn = Callable[[Tensor, Tensor], Tensor]
@@ -182,19 +182,13 @@ def solver_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...],
     return x
 
 
-def end_to_end(
-    student: StudentFn, x_start: Tensor, x_end: Tensor, sigmas: tuple[float, ...], solver: str = "ddim"
-) -> Tensor:
-    """mean_batch ||x0_hat - x0*||^2, x0* the teacher's accurate end point from the same x_start.
+def end_to_end_error(x0_hat: Tensor, x_end: Tensor) -> Tensor:
+    """mean_batch ||x0_hat - x0*||^2: x0_hat from the student's chain (`StudentChain`, `solver_chain`), x0* the
+    teacher's accurate end point from the same noise.
 
     The term E itself measures (squared): it sees how the steps' errors cancel, which the per-step loss cannot,
     and its target depends on the noise alone, so a pool sample's teacher solve is done once per round.
     """
-    return end_to_end_error(solver_chain(student, x_start, sigmas, solver), x_end)
-
-
-def end_to_end_error(x0_hat: Tensor, x_end: Tensor) -> Tensor:
-    """mean_batch ||x0_hat - x0*||^2 of a chain's end point already computed (a DDP-wrapped chain module)."""
     return _sq(x0_hat, x_end).mean()
 
 
