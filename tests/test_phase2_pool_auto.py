@@ -76,7 +76,9 @@ def test_a_timed_round_records_its_pool_and_keeps_it_when_resumed(tmp_path) -> N
     assert json.loads((latest_checkpoint(out) / "state.json").read_text())["pool_size"] == size
     from fewstep_search.phase2.targets import IntervalTeacher
 
-    per_sample = IntervalTeacher(teacher, sched.sigmas, 1.0, "auto", first_max_log_step=0.25).calls_per_sample()
+    steps = Phase2Spec().end_to_end_teacher_steps
+    per_sample = IntervalTeacher(teacher, sched.sigmas, 1.0, "auto", end_steps=steps).end_calls_per_sample()
+    assert per_sample == steps
     assert first.teacher_calls <= size * per_sample + 2 * 16  # each pool sample solved once (+ the timing probe)
     # a killed round: the result is gone, the epochs stay; the rerun continues with the recorded pool
     (out / "result.json").unlink()

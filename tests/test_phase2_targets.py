@@ -180,3 +180,18 @@ def test_the_batched_student_state_loss_equals_the_sequential_one(tiny: torch.nn
     assert float(bat.total.detach()) == pytest.approx(float(seq.total.detach()), rel=1e-5)
     assert torch.allclose(bat.per_step, seq.per_step, rtol=1e-4)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_seq, g_bat, strict=True))
+
+
+def test_the_end_point_solve_converges_to_the_accurate_interval_solve() -> None:
+    """iPNDM on the fine grid (the end-to-end term's x0*) approaches the bounded-step RK4 solve as it refines."""
+    from fewstep_search.phase2.targets import end_point, fine_grid
+
+    den = make_tiny(seed=5)
+    x = 80.0 * torch.randn(16, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = solve_interval(den, x, 80.0, 0.002, max_log_step=0.02, solver="rk4")
+    errs = [float((end_point(den, x, 80.0, 0.002, steps=n) - ref).norm(dim=1).mean()) for n in (25, 100, 400)]
+    assert errs[2] < errs[1] < errs[0] and errs[2] < 1e-3 * float(ref.norm(dim=1).mean())
+    grid = fine_grid(80.0, 0.002, 10)
+    assert grid[0] == 80.0 and grid[-1] == 0.002 and bool((grid[1:] < grid[:-1]).all())
+    with pytest.raises(ValueError, match="fine grid"):
+        fine_grid(0.002, 80.0, 10)

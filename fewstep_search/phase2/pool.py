@@ -6,7 +6,8 @@ the student, so it can be computed once per pool sample and reused every time th
 * the first interval's target (the teacher's solve sigma_N -> sigma_{N-1} from x_N): the plain student-state
   loss then pays the teacher only for intervals 2..N;
 * the teacher's whole trajectory at the schedule nodes (one accurate solve per sample), which the teacher-forced
-  warm start and the end-to-end term need, and which also gives the first target.
+  warm start needs, and which also gives the first target;
+* the teacher's end point x0* alone (`end_points`, one fine solve per sample), all the end-to-end term needs.
 
 Batches are a deterministic function of the step number (the k-th pass over the pool is the k-th seeded
 permutation), so a resumed run draws the same batches as an uninterrupted one. Caches live in memory and are
@@ -85,6 +86,8 @@ class NoisePool:
         self._first: Tensor | None = None
         self._has_first = torch.zeros(size, dtype=torch.bool)
         self._traj: Tensor | None = None
+        self._end: Tensor | None = None
+        self._has_end = torch.zeros(size, dtype=torch.bool)
         self._has_traj = torch.zeros(size, dtype=torch.bool)
         self._reuse_states: Tensor | None = None
         self._reuse_targets: Tensor | None = None
@@ -142,6 +145,17 @@ class NoisePool:
             self._has_first[missing] = True
         return self._traj[idx.to(self.x.device)].transpose(0, 1)
 
+    def end_points(self, teacher: IntervalTeacher, idx: Tensor) -> Tensor:
+        """The teacher's end points x0* [B, *shape] for pool samples `idx` (`IntervalTeacher.end_point`, cached)."""
+        if self._end is None:
+            self._end = torch.empty_like(self.x)
+        missing = idx[~self._has_end[idx]].unique()
+        if missing.numel():
+            dev = self.x.device
+            self._end[missing.to(dev)] = self.teacher_for(teacher, missing).end_point(self.x[missing.to(dev)])
+            self._has_end[missing] = True
+        return self._end[idx.to(self.x.device)]
+
     def reused_targets(
         self, idx: Tensor, step: int, batch: int, reuse: int,
         compute: Callable[[Tensor], tuple[Tensor, Tensor]],
@@ -171,7 +185,8 @@ class NoisePool:
 
     # ---------------------------------------------------------------- persistence (exact resume)
 
-    _CACHES = ("_first", "_has_first", "_traj", "_has_traj", "_reuse_states", "_reuse_targets", "_reuse_pass")
+    _CACHES = ("_first", "_has_first", "_traj", "_has_traj", "_end", "_has_end", "_reuse_states", "_reuse_targets",
+               "_reuse_pass")
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._CACHES) if t is not None)
@@ -194,4 +209,5 @@ class NoisePool:
     @property
     def cached(self) -> dict[str, int]:
         """How many pool samples have a cached first target / trajectory (for the epoch log)."""
-        return {"first": int(self._has_first.sum()), "trajectory": int(self._has_traj.sum())}
+        return {"first": int(self._has_first.sum()), "trajectory": int(self._has_traj.sum()),
+                "end": int(self._has_end.sum())}

@@ -17,7 +17,14 @@ Teacher solvers, all classical RK4 with sub-steps bounded in log sigma (`substep
   this form is ~1% at half the calls (docs/phase2.md has the table). Below sigma ~ 1 it is worse than plain RK4.
 * ``"auto"``: the exponential form above sigma = 1, plain RK4 below: the better of the two on each side.
 
-Both are checked by step halving in tests/test_phase2_targets.py. Nothing here imports Ray.
+Both are checked by step halving in tests/test_phase2_targets.py.
+
+The end-to-end term needs only the end point x0* of each noise sample, not the states at the schedule's nodes,
+so it has its own solve (`end_point`): iPNDM (one call per step) on a fine Karras (rho = 7) grid. Why: a learned
+denoiser can vary quickly in sigma, and on the digits model RK4 converged only once its sub-steps were below
+~0.1 in log sigma: the end points RK4 gave at the old bound of 0.5 (112 calls per sample) were off by E = 0.16
+against the bank's reference, as far as the N = 10 student itself, while iPNDM on 200 fine steps was off by
+0.004 (docs/phase2.md, "How accurate the end points are"). Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ import torch
 from torch import Tensor
 
 from fewstep_search.denoiser import Denoiser
-from fewstep_search.solvers import rk4_interval, substeps_for
+from fewstep_search.solvers import ipndm, rk4_interval, substeps_for
 
-__all__ = ["TeacherSolver", "TEACHER_SOLVERS", "CountingDenoiser", "solve_interval", "ideal_output", "calls_for"]
+__all__ = ["TeacherSolver", "TEACHER_SOLVERS", "CountingDenoiser", "solve_interval", "ideal_output", "calls_for",
+           "end_point", "fine_grid"]
 
 TeacherSolver = Literal["rk4", "rk4_exp", "auto"]
 TEACHER_SOLVERS: tuple[str, ...] = ("rk4", "rk4_exp", "auto")
@@ -128,6 +136,26 @@ def solve_interval(
     return x
 
 
+def fine_grid(sigma_max: float, sigma_min: float, steps: int, *, rho: float = 7.0,
+              device: torch.device | str = "cpu") -> Tensor:
+    """`steps + 1` sigmas from sigma_max down to sigma_min, uniform in sigma^(1/rho) (EDM's spacing, float64)."""
+    if steps < 1 or not sigma_max > sigma_min > 0:
+        raise ValueError(f"a fine grid needs steps >= 1 and sigma_max > sigma_min > 0, got {steps}, "
+                         f"{sigma_max} -> {sigma_min}")
+    ramp = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    a, b = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    grid = (a + ramp * (b - a)) ** rho
+    grid[0], grid[-1] = sigma_max, sigma_min
+    wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    return grid.to(device=device, dtype=wide)
+
+
+@torch.no_grad()
+def end_point(teacher: Denoiser, x: Tensor, sigma_max: float, sigma_min: float, *, steps: int) -> Tensor:
+    """The teacher's x*(sigma_min) from `x` at sigma_max: iPNDM on `fine_grid` (`steps` calls per sample)."""
+    return ipndm(teacher, x, fine_grid(float(sigma_max), float(sigma_min), steps, device=x.device))
+
+
 def ideal_output(y: Tensor, x: Tensor, s0: float, s1: float) -> Tensor:
     """D_bar = (y - r x) / (1 - r), r = s1 / s0: the output whose DDIM step from x at s0 lands on y at s1."""
     r = float(s1) / float(s0)
@@ -144,6 +172,8 @@ class IntervalTeacher:
     solver: TeacherSolver = "rk4"
     first_max_log_step: float | None = None
     """The first interval's sub-step bound (its targets are cached per noise sample, so a finer one costs little)."""
+    end_steps: int | None = None
+    """iPNDM steps of `end_point` (the end-to-end term's x0*); None: the end of `trajectory` (RK4 at the nodes)."""
 
     def step_bound(self, i: int) -> float:
         return self.first_max_log_step if (i == 0 and self.first_max_log_step is not None) else self.max_log_step
@@ -163,6 +193,16 @@ class IntervalTeacher:
         for i in range(len(self.sigmas) - 1):
             states.append(self.state(states[-1], i))
         return torch.stack(states)
+
+    def end_point(self, x_start: Tensor) -> Tensor:
+        """x*(sigmas[-1]) from x_start at sigmas[0]: what the end-to-end term is scored against."""
+        if self.end_steps is None:
+            return self.trajectory(x_start)[-1]
+        return end_point(self.teacher, x_start, self.sigmas[0], self.sigmas[-1], steps=self.end_steps)
+
+    def end_calls_per_sample(self) -> int:
+        """Teacher evaluations per sample of `end_point`."""
+        return self.calls_per_sample() if self.end_steps is None else self.end_steps
 
     def calls_per_sample(self, intervals: range | None = None) -> int:
         """Teacher evaluations per sample for the given intervals (all by default)."""

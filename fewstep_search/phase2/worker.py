@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from fewstep_search.bank import Bank
 from fewstep_search.denoiser import ModelOutputError, bind_condition, is_conditional
 from fewstep_search.models.source import ModelSource, trainable_module
-from fewstep_search.objectives import true_error
 from fewstep_search.phase2 import checkpoints as ck
+from fewstep_search.phase2.evaluate import student_errors, teacher_error
 from fewstep_search.phase2.loss import (
     LossParts,
     StudentChain,
@@ -147,13 +147,8 @@ def load_student(source: ModelSource, device: torch.device, *, dropout: bool) ->
 
 
 def _evaluate(den: Any, cfg: WorkerConfig, device: torch.device) -> dict[str, float]:
-    sig = torch.tensor(cfg.sigmas, dtype=torch.float64)
-    bs = cfg.spec.eval_batch_size
-    with torch.no_grad():
-        return {
-            "select_error": float(true_error(den, cfg.select.to(device), sig, solver=cfg.solver, batch_size=bs)),
-            "test_error": float(true_error(den, cfg.test.to(device), sig, solver=cfg.solver, batch_size=bs)),
-        }
+    return student_errors(den, cfg.select, cfg.test, cfg.sigmas, device=device, solver=cfg.solver,
+                          batch_size=cfg.spec.eval_batch_size)
 
 
 class _Stop(Exception):
@@ -171,7 +166,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     if is_conditional(teacher_den):
         counter.conditions = teacher_den.conditions  # type: ignore[attr-defined]
     teacher = IntervalTeacher(counter, cfg.sigmas, spec.max_log_step, spec.teacher_solver,
-                              first_max_log_step=spec.first_max_log_step if spec.pool_size is not None else None)
+                              first_max_log_step=spec.first_max_log_step if spec.pool_size is not None else None,
+                              end_steps=spec.end_to_end_teacher_steps)
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
     optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -215,6 +211,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     if resume is None and ctx.rank == 0:
         state.history = []
         state.initial = _evaluate(ema.module, cfg, device)
+        if spec.end_to_end_weight > 0:
+            state.initial.update(teacher_error(teacher, cfg.select, device))
     last_ckpt, stopped = resume, None
     try:
         while not clock.done:
@@ -324,8 +322,8 @@ def _pool_size(cfg: WorkerConfig, ctx: WorkerContext, teacher: IntervalTeacher, 
         den(x, sig)
         per_call = max(clock.seconds - t0, 1e-6) / batch
     size = auto_pool_size(budget_seconds=60.0 * spec.max_minutes, seconds_per_sample=per_call *
-                          teacher.calls_per_sample(), share=spec.teacher_share, batch=batch,
-                          sample_bytes=len(cfg.sigmas) * x[0].numel() * x.element_size())
+                          teacher.end_calls_per_sample(), share=spec.teacher_share, batch=batch,
+                          sample_bytes=x[0].numel() * x.element_size())  # the end points alone are cached
     return int(-ctx.any_flag(torch.tensor([-float(size)], device=device))[0])
 
 
@@ -401,7 +399,7 @@ def _step_loss(
         parts = LossParts(total=weights.new_zeros(()), per_step=torch.zeros(len(cfg.sigmas) - 1))
     if spec.end_to_end_weight > 0:
         assert chain is not None
-        x_end = pool.trajectories(teacher, idx)[-1]
+        x_end = pool.end_points(teacher, idx)
         e2e = end_to_end_error(chain(x, cond), x_end)
         parts = LossParts(total=parts.total + spec.end_to_end_weight * e2e, per_step=parts.per_step,
                           end_to_end=e2e.detach())

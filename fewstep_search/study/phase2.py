@@ -38,6 +38,11 @@ class Phase2Spec(Strict):
         default="auto", description="rk4: RK4 in log sigma; rk4_exp: on the exponential-integrator form; auto: "
         "rk4_exp above sigma 1, rk4 below"
     )
+    end_to_end_teacher_steps: int | None = Field(
+        default=200, ge=2, description="x0* of the end-to-end term: iPNDM on a Karras grid of this many teacher "
+        "calls per sample (each round logs its error against the bank's reference); None: RK4 at max_log_step "
+        "through the schedule's nodes"
+    )
     pool_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         default="auto", description="fixed pool of starting noise (teacher work cached per sample); None: fresh "
         "noise; auto: 1024 for the per-step loss, sized by teacher_share for the end-to-end term alone"
