@@ -345,6 +345,21 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
     return results
 
 
+TARGET_WARNING = 0.25
+"""Targets off by more than this share of the student's select E get a warning: they cap what a round can learn."""
+
+
+def _note_targets(run: _Run, r: int, initial: Mapping[str, Any]) -> None:
+    """One line on how accurate the round's end-to-end targets were (`phase2.evaluate.teacher_error`)."""
+    if "teacher_error" not in initial:
+        return
+    te, se = float(initial["teacher_error"]), float(initial["select_error"])
+    line = f"round {r}: the teacher's end points are off by E = {te:.4f} (the student's select E: {se:.4f})"
+    if te > TARGET_WARNING * se:
+        line += "; raise phase2.end_to_end_teacher_steps, they limit what the round can learn"
+    run.note(line)
+
+
 def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule: Schedule,
                   row: Mapping[str, Any]) -> dict[str, Any]:
     """Fine-tune the current model on round r's schedule, evaluate the pair, write the round."""
@@ -359,12 +374,13 @@ def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule:
                        solver=str(row.get("solver", "ddim")))
     seconds = time.perf_counter() - t0
     run.timings[f"phase2_round_{r}"] = seconds
+    _note_targets(run, r, result.initial or {})
     target = rundir.store_model(r, Path(result.checkpoint))
     den = run.teacher_source.with_checkpoint(target).load(cache=False)
     evaluation = run.evaluate(den, schedule, bank, solver=str(row.get("solver", "ddim")))
     metrics = {"round": r, "schedule": dict(row), **evaluation,
                "phase1": {"select_error": row["select_error"], "test_error": row["test_error"]},
-               "phase2": {"seconds": seconds, "history": list(result.history)},
+               "phase2": {"seconds": seconds, "history": list(result.history), "initial": result.initial},
                "stopped_reason": result.stopped_reason}
     rundir.write_round(r, metrics)
     return metrics

@@ -35,6 +35,8 @@ def test_two_rounds_train_the_model_and_the_second_search_scores_the_student(tmp
     results = run_loop(config, rundir, options=LoopOptions(engine="local"))
 
     assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert sum("the teacher's end points are off by" in n for n in results["notes"]) == 2  # one per round
+    assert 0 <= results["rounds"][0]["phase2"]["initial"]["teacher_error"] < results["rounds"][0]["select_error"]
     first, second = (json.loads((rundir.round_dir(r) / "phase1.json").read_text()) for r in (1, 2))
     heur = {r: {c["name"]: c["select_error"] for c in p["candidates"] if c["kind"] == "heuristic"}
             for r, p in ((1, first), (2, second))}
@@ -62,3 +64,19 @@ def test_phase2_trains_the_winner_only_for_a_solver_it_is_asked_to_train_for() -
     assert loop._phase2_pick({"best": by["c"], "candidates": cands}, "winner")["name"] == "a"
     with pytest.raises(ValueError, match="add one of them"):
         loop._phase2_pick({"best": by["c"], "candidates": [by["c"]]})
+
+
+def test_targets_far_from_the_reference_get_a_warning() -> None:
+    class Notes:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def note(self, line: str) -> None:
+            self.lines.append(line)
+
+    run = Notes()
+    loop._note_targets(run, 1, {"select_error": 0.2, "teacher_error": 0.01})  # type: ignore[arg-type]
+    loop._note_targets(run, 2, {"select_error": 0.2, "teacher_error": 0.15})  # type: ignore[arg-type]
+    loop._note_targets(run, 3, {"select_error": 0.2})  # type: ignore[arg-type]  # the per-step loss: no check
+    assert len(run.lines) == 2 and "raise" not in run.lines[0]
+    assert "raise phase2.end_to_end_teacher_steps" in run.lines[1]

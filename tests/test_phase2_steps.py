@@ -76,7 +76,8 @@ def test_an_ipndm_round_trains_for_ipndm_and_its_weights_carry_the_ab_factor(tmp
                   engine="local", solver="dpmpp_2m")
 
 
-def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_sample(tmp_path) -> None:
+@pytest.mark.parametrize("loss", ["squared", "norm"])
+def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_sample(tmp_path, loss) -> None:
     """Where the per-step iPNDM loss raises E on this tiny model (above), the end-to-end term alone lowers it:
     it differentiates through the whole multistep chain. Its target is the teacher's end point from the noise,
     so the teacher runs once per pool sample however many passes the round makes."""
@@ -86,7 +87,8 @@ def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_
     sched = make_schedule("vp_time_quadratic", 4, SIGMA_MIN, SIGMA_MAX)
     src = ModelSource.of(teacher)
     spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
-                      pool_size=32, max_log_step=1.0, per_step_weight=0.0, end_to_end_weight=1.0)
+                      pool_size=32, max_log_step=1.0, per_step_weight=0.0, end_to_end_weight=1.0,
+                      end_to_end_loss=loss)
     res = fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "e2e",
                     engine="local", solver="ipndm")
     assert res.stopped_reason is None

@@ -195,3 +195,14 @@ def test_the_end_point_solve_converges_to_the_accurate_interval_solve() -> None:
     assert grid[0] == 80.0 and grid[-1] == 0.002 and bool((grid[1:] < grid[:-1]).all())
     with pytest.raises(ValueError, match="fine grid"):
         fine_grid(0.002, 80.0, 10)
+
+
+def test_the_norm_end_to_end_loss_is_the_true_error_itself() -> None:
+    from fewstep_search.phase2.loss import end_to_end_error
+
+    a, b = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 3, 4, dtype=torch.float64)
+    dist = (a - b).flatten(1).norm(dim=1)
+    assert float(end_to_end_error(a, b, "norm")) == pytest.approx(float(dist.mean()), rel=1e-9)
+    assert float(end_to_end_error(a, b)) == pytest.approx(float(dist.square().mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="unknown end-to-end loss"):
+        end_to_end_error(a, b, "l1")

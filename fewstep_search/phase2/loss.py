@@ -182,14 +182,21 @@ def solver_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...],
     return x
 
 
-def end_to_end_error(x0_hat: Tensor, x_end: Tensor) -> Tensor:
-    """mean_batch ||x0_hat - x0*||^2: x0_hat from the student's chain (`StudentChain`, `solver_chain`), x0* the
-    teacher's accurate end point from the same noise.
+def end_to_end_error(x0_hat: Tensor, x_end: Tensor, kind: str = "squared") -> Tensor:
+    """mean_batch ||x0_hat - x0*||^2 (`kind = "squared"`) or mean_batch ||x0_hat - x0*|| (`"norm"`): x0_hat from
+    the student's chain (`StudentChain`, `solver_chain`), x0* the teacher's accurate end point from the same noise.
 
-    The term E itself measures (squared): it sees how the steps' errors cancel, which the per-step loss cannot,
-    and its target depends on the noise alone, so a pool sample's teacher solve is done once per round.
+    The term E itself measures: it sees how the steps' errors cancel, which the per-step loss cannot, and its
+    target depends on the noise alone, so a pool sample's teacher solve is done once per round. `"norm"` is E
+    exactly (the mean distance, each sample's gradient of unit size); `"squared"` weights each sample's gradient
+    by its distance, so a few far-off samples steer it.
     """
-    return _sq(x0_hat, x_end).mean()
+    sq = _sq(x0_hat, x_end)
+    if kind == "norm":
+        return (sq + 1e-12).sqrt().mean()
+    if kind != "squared":
+        raise ValueError(f"unknown end-to-end loss {kind!r}; known: squared, norm")
+    return sq.mean()
 
 
 def bind_student(model: nn.Module, cond: Tensor | None, autocast: bool) -> Callable[[Tensor, Tensor], Tensor]:

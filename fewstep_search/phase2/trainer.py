@@ -100,6 +100,8 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
         del budget_free["teacher_share"]  # no effect on such a round
     if spec.end_to_end_weight == 0:
         del budget_free["end_to_end_teacher_steps"]  # per-step rounds keep their keys
+    if spec.end_to_end_loss == "squared":
+        del budget_free["end_to_end_loss"]  # the loss before the option existed: the same key
     parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
     if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
         parts.append(solver)

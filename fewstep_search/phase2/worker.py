@@ -400,7 +400,7 @@ def _step_loss(
     if spec.end_to_end_weight > 0:
         assert chain is not None
         x_end = pool.end_points(teacher, idx)
-        e2e = end_to_end_error(chain(x, cond), x_end)
+        e2e = end_to_end_error(chain(x, cond), x_end, spec.end_to_end_loss)
         parts = LossParts(total=parts.total + spec.end_to_end_weight * e2e, per_step=parts.per_step,
                           end_to_end=e2e.detach())
     return parts

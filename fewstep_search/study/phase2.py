@@ -62,6 +62,10 @@ class Phase2Spec(Strict):
         default=1.0, ge=0, description="weight of ||x0_hat - x0*||^2 (the student's whole chain against the "
         "teacher's end point; alone by default, which needs the teacher once per pool sample)"
     )
+    end_to_end_loss: Literal["squared", "norm"] = Field(
+        default="squared", description="the end-to-end term: squared: mean ||x0_hat - x0*||^2; norm: mean "
+        "||x0_hat - x0*||, the true error E itself"
+    )
     per_step_weight: float = Field(
         default=0.0, ge=0, description="weight of the per-step loss (1 with end_to_end_weight = 0: the per-step "
         "loss alone, the default before the end-to-end term measured better; docs/phase2.md)"
