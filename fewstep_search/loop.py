@@ -346,7 +346,7 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
 
 
 TARGET_WARNING = 0.25
-"""Targets off by more than this share of the student's select E get a warning: they cap what a round can learn."""
+"""Targets off by more than this share of the student's select E get a warning: they bound what a round learns."""
 
 
 def _note_targets(run: _Run, r: int, initial: Mapping[str, Any]) -> None:

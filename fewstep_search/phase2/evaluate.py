@@ -38,10 +38,9 @@ def teacher_error(teacher: IntervalTeacher, select: Bank, device: torch.device) 
     """`teacher_error`: E of the teacher's end points (the end-to-end term's targets) against the bank's
     reference on the first `TEACHER_CHECK` select trajectories.
 
-    Why: the student cannot get closer to the reference than its targets are. RK4 end points at sub-steps of
-    0.5 in log sigma were off by about the N = 10 student's own error on the digits model and capped its rounds
-    (docs/phase2.md), so each round records this figure beside the student's select E. The check's teacher
-    calls are not counted as training work.
+    Why: the student cannot get closer to the reference than its targets are, and how fine a solve that takes
+    depends on the model (how fast its output varies in sigma), so each round measures it beside the student's
+    select E instead of trusting a fixed step count. The check's teacher calls are not counted as training work.
     """
     part = select.subset(torch.arange(min(TEACHER_CHECK, select.n_trajectories)))
     x0 = part.x_start.to(device)
