@@ -76,13 +76,14 @@ class TrainState:
     config_key: str = ""
     initial: dict[str, float] | None = None
     pool_size: int | None = None  # one worker's pool as resolved (pool_size = "auto" is timed once per round)
+    train_from: float | None = None  # round seconds when training began (after the up-front teacher work)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "step": self.step, "seconds": self.seconds, "wall_seconds": self.wall_seconds,
             "teacher_calls": self.teacher_calls,
             "history": self.history or [], "config_key": self.config_key, "initial": self.initial,
-            "pool_size": self.pool_size,
+            "pool_size": self.pool_size, "train_from": self.train_from,
         }
 
     @classmethod
@@ -92,6 +93,7 @@ class TrainState:
             wall_seconds=float(d.get("wall_seconds", d["seconds"])),
             teacher_calls=int(d.get("teacher_calls", 0)), history=list(d.get("history", [])),
             config_key=str(d.get("config_key", "")), initial=d.get("initial"), pool_size=d.get("pool_size"),
+            train_from=d.get("train_from"),
         )
 
 

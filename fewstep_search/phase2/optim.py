@@ -41,6 +41,8 @@ class Clock:
         self.cpu_start = time.process_time()
         self.threads = max(1, torch.get_num_threads())
         self.step = 0
+        self.train_from = 0.0
+        """Round seconds at which training began (after the teacher's up-front work, `phase2.pool_fill`)."""
 
     @property
     def wall_seconds(self) -> float:
@@ -57,6 +59,17 @@ class Clock:
         if self.max_steps is not None:
             return min(1.0, self.step / self.max_steps)
         return min(1.0, self.seconds / self.budget)
+
+    @property
+    def train_progress(self) -> float:
+        """Progress of the training itself: like `progress`, over the budget left after `train_from`.
+
+        What the learning rate follows, so its warm-up and decay span the optimizer steps, not the teacher's
+        up-front work."""
+        if self.max_steps is not None:
+            return self.progress
+        span = self.budget - self.train_from
+        return 1.0 if span <= 0 else min(1.0, max(0.0, (self.seconds - self.train_from) / span))
 
     @property
     def done(self) -> bool:
@@ -79,10 +92,10 @@ def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float) -> torc
 def make_scheduler(
     optimizer: torch.optim.Optimizer, clock: Clock, *, warmup_steps: int, lr: float, lr_final: float
 ) -> LambdaLR:
-    """LambdaLR whose factor reads the clock's progress (see the module docstring)."""
+    """LambdaLR whose factor reads the clock's training progress (see the module docstring)."""
 
     def factor(step: int) -> float:
-        return lr_factor(step, clock.progress, warmup_steps=warmup_steps, lr=lr, lr_final=lr_final)
+        return lr_factor(step, clock.train_progress, warmup_steps=warmup_steps, lr=lr, lr_final=lr_final)
 
     return LambdaLR(optimizer, factor)
 

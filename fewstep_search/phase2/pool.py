@@ -156,6 +156,10 @@ class NoisePool:
             self._has_end[missing] = True
         return self._end[idx.to(self.x.device)]
 
+    def unsolved_end_points(self) -> Tensor:
+        """Pool indices whose end point is not cached yet (ascending)."""
+        return torch.nonzero(~self._has_end).flatten()
+
     def reused_targets(
         self, idx: Tensor, step: int, batch: int, reuse: int,
         compute: Callable[[Tensor], tuple[Tensor, Tensor]],

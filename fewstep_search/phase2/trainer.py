@@ -35,6 +35,7 @@ from fewstep_search.objectives import check_endpoints
 from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.loss import step_weights
 from fewstep_search.phase2.pool import untimed_pool_size
+from fewstep_search.phase2.pool_fill import FILL_FILE, FILL_PROGRESS, read_fill_progress
 from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, check_phase2_solver
 from fewstep_search.phase2.worker import LocalContext, WorkerConfig, run_worker
 from fewstep_search.schedules import Schedule
@@ -58,6 +59,8 @@ class FineTuneResult:
     steps: int = 0
     wall_seconds: float = 0.0
     out_dir: Path | None = None
+    train_from: float = 0.0
+    """Round seconds spent before the first optimizer step (the end-to-end term's pool of end points)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,7 +72,7 @@ class FineTuneResult:
         return {
             "checkpoint": str(self.checkpoint), "history": self.history, "stopped_reason": self.stopped_reason,
             "seconds": self.seconds, "initial": self.initial, "teacher_calls": self.teacher_calls,
-            "steps": self.steps, "wall_seconds": self.wall_seconds,
+            "steps": self.steps, "wall_seconds": self.wall_seconds, "train_from": self.train_from,
         }
 
     @classmethod
@@ -78,6 +81,7 @@ class FineTuneResult:
             checkpoint=out_dir / ck.MODEL_FILE, history=list(d["history"]), stopped_reason=d.get("stopped_reason"),
             seconds=float(d["seconds"]), initial=d.get("initial"), teacher_calls=int(d.get("teacher_calls", 0)),
             steps=int(d.get("steps", 0)), wall_seconds=float(d.get("wall_seconds", d["seconds"])), out_dir=out_dir,
+            train_from=float(d.get("train_from") or 0.0),
         )
 
 
@@ -188,8 +192,11 @@ def _finish(root: Path, summary: dict[str, Any], key: str, seconds: float) -> Fi
         checkpoint=path, history=list(state.history or []), stopped_reason=summary["stopped_reason"],
         seconds=state.seconds if state.history else seconds, initial=summary.get("initial") or state.initial,
         teacher_calls=state.teacher_calls, steps=state.step, wall_seconds=state.wall_seconds or seconds, out_dir=root,
+        train_from=state.train_from or 0.0,
     )
     atomic_write_json(root / ck.RESULT_FILE, {**result.to_dict(), "config_key": key})
+    for name in (FILL_FILE, FILL_PROGRESS):  # the checkpoints hold the pool from the first epoch on
+        (root / name).unlink(missing_ok=True)
     return result
 
 
@@ -345,7 +352,7 @@ class _Progress:
             self._bar.start()
             total = self.spec.max_steps or 60.0 * self.spec.max_minutes
             self._task = self._bar.add_task("phase-2: starting", total=total)
-        if self.watch_files:
+        if self.watch_files or self.enabled:
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
         return self
@@ -366,8 +373,13 @@ class _Progress:
             self._poll()
 
     def _poll(self) -> None:
-        for row in ck.read_epochs(self.root):
-            self._deliver(row)
+        if self.watch_files:
+            for row in ck.read_epochs(self.root):
+                self._deliver(row)
+        if self._bar is not None and not self.seen and (fill := read_fill_progress(self.root)) is not None:
+            with self._lock:
+                self._bar.update(self._task, description=f"phase-2: the teacher solves the noise pool's end "
+                                                         f"points ({fill['solved']}/{fill['size']})")
 
     def _deliver(self, metrics: dict[str, Any]) -> None:
         with self._lock:

@@ -41,7 +41,8 @@ from fewstep_search.phase2.loss import (
     teacher_forced_loss,
 )
 from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
-from fewstep_search.phase2.pool import NoisePool, auto_pool_size, untimed_pool_size
+from fewstep_search.phase2.pool import NoisePool
+from fewstep_search.phase2.pool_fill import fill_end_points, read_fill, timed_pool_size
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
 
@@ -178,6 +179,12 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         state = saved.state
         if state.config_key != cfg.config_key:
             raise ValueError(f"checkpoint {resume} belongs to another Phase-2 configuration; use a new out_dir")
+    # the end-to-end term alone solves its pool's end points before training (`pool_fill`); a fill cut short by a
+    # kill before the first checkpoint is read back with its clock and its pool size
+    fills_first = spec.per_step_weight == 0 and spec.pool_size is not None
+    fill = read_fill(root, cfg.config_key) if saved is None and fills_first and ctx.world_size == 1 else None
+    if fill is not None:
+        state.seconds, state.wall_seconds, state.pool_size = fill.seconds, fill.wall_seconds, fill.pool_size
     clock = Clock(budget_seconds=60.0 * spec.max_minutes, max_steps=spec.max_steps, seconds_before=state.seconds,
                   wall_before=state.wall_seconds, kind=spec.clock)
     clock.step = state.step
@@ -198,8 +205,11 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     weights = torch.tensor(cfg.weights, dtype=torch.float32, device=device)
     world = ctx.world_size
     batch = max(1, math.ceil(spec.batch_size / world))
-    if saved is None or state.pool_size is None:
-        state.pool_size = _pool_size(cfg, ctx, teacher, counter, clock, batch, device)
+    if state.pool_size is None:
+        state.pool_size = timed_pool_size(
+            spec, teacher=teacher, shape=cfg.shape, batch=batch, dtype=cfg.select.x_start.dtype, device=device,
+            n_conditions=cfg.n_conditions, clock=clock, world=world,
+            agree=lambda size: -float(ctx.any_flag(torch.tensor([-size], device=device))[0]))
     pool = NoisePool(
         state.pool_size, cfg.shape, cfg.sigmas[0],
         seed=spec.seed * 1009 + ctx.rank, device=device, dtype=cfg.select.x_start.dtype,
@@ -207,12 +217,19 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     )
     if saved is not None and saved.pool is not None and ctx.world_size == 1:
         pool.load_cache_state(saved.pool)
+    elif fill is not None:
+        pool.load_cache_state(fill.cache)
     fresh = spec.pool_size is None  # no reuse: new noise every step (the plain baseline)
     if resume is None and ctx.rank == 0:
         state.history = []
         state.initial = _evaluate(ema.module, cfg, device)
         if spec.end_to_end_weight > 0:
             state.initial.update(teacher_error(teacher, cfg.select, device))
+    if fills_first and saved is None:
+        fill_end_points(pool, teacher, clock=clock, chunk=FILL_CHUNK_BATCHES * batch, root=root,
+                        config_key=cfg.config_key, report=ctx.rank == 0, save=ctx.world_size == 1)
+        state.train_from = float(ctx.any_flag(torch.tensor([clock.seconds], device=device))[0])  # the latest
+    clock.train_from = state.train_from or 0.0  # rounds checkpointed before the fill existed: the whole budget
     last_ckpt, stopped = resume, None
     try:
         while not clock.done:
@@ -284,6 +301,9 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     }
 
 
+FILL_CHUNK_BATCHES = 4
+"""Training batches of pool samples per batched teacher solve of the up-front fill."""
+
 _POOL_SAVE_LIMIT = 256 << 20
 """Bytes of cached pool work saved with each checkpoint at most (beyond it a resume recomputes the caches)."""
 
@@ -297,34 +317,6 @@ def _pool_state(pool: NoisePool, world_size: int) -> dict[str, Tensor] | None:
     if world_size != 1 or pool.cache_bytes() > _POOL_SAVE_LIMIT:
         return None
     return pool.cache_state()
-
-
-def _pool_size(cfg: WorkerConfig, ctx: WorkerContext, teacher: IntervalTeacher, counter: CountingDenoiser,
-               clock: Clock, batch: int, device: torch.device) -> int:
-    """One worker's pool: `pool_size` split across workers, or, for `"auto"` with the end-to-end term alone on a
-    timed budget, what the teacher solves in `teacher_share` of it (`auto_pool_size`), timed here on one
-    batched teacher call (on the round's clock) and agreed across workers (the smallest)."""
-    spec, world = cfg.spec, ctx.world_size
-    if spec.pool_size is None:
-        return 1  # fresh noise every step; the pool is unused
-    if (fixed := untimed_pool_size(spec)) is not None:
-        return max(1, fixed // world)
-    g = torch.Generator().manual_seed(spec.seed * 7 + 1)
-    x = (cfg.sigmas[0] * torch.randn(batch, *cfg.shape, generator=g, dtype=torch.float64)).to(
-        device=device, dtype=cfg.select.x_start.dtype)
-    sig = torch.full((batch,), cfg.sigmas[0], dtype=x.dtype, device=device)
-    den: Any = counter
-    if cfg.n_conditions:
-        den = bind_condition(counter, torch.zeros(batch, dtype=torch.long, device=device))
-    with torch.no_grad():
-        den(x, sig)  # warm-up (first-call allocations)
-        t0 = clock.seconds
-        den(x, sig)
-        per_call = max(clock.seconds - t0, 1e-6) / batch
-    size = auto_pool_size(budget_seconds=60.0 * spec.max_minutes, seconds_per_sample=per_call *
-                          teacher.end_calls_per_sample(), share=spec.teacher_share, batch=batch,
-                          sample_bytes=x[0].numel() * x.element_size())  # the end points alone are cached
-    return int(-ctx.any_flag(torch.tensor([-float(size)], device=device))[0])
 
 
 def _pick_resume(restored: Path | None, resume_from: str | None) -> Path | None:
