@@ -24,7 +24,9 @@ class Phase2Spec(Strict):
         default="wall", description="what max_minutes counts: wall time, or CPU time per torch thread (shared hosts)"
     )
     batch_size: int = Field(default=64, ge=1, description="samples per optimizer step (split across workers)")
-    lr: float = Field(default=1e-4, gt=0)
+    # what the measured rounds trained at: until 2026-12-04 the rate decayed during the first pass's teacher work
+    # and training began at 4e-5; started at 1e-4, the N = 10 select error rose for ~100 steps (docs/phase2.md)
+    lr: float = Field(default=4e-5, gt=0)
     lr_final: float = Field(default=1e-5, gt=0, description="the LR decays geometrically to this along the budget")
     warmup_steps: int = Field(default=10, ge=0)
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay (0: stay near teacher)")
