@@ -10,7 +10,14 @@ from fresh noise before / after, and the FD of the untouched model with 10 steps
         --variant plain:pool_size=null,cache_first_target=false,target_reuse=1 --variant default:
 
 A variant is `name:key=value,key=value` (Phase2Spec fields; values are JSON, e.g. null, true, 0.5); `--set`
-applies to every variant. The bank is cached in `--out`. Times are wall time on whatever the machine is doing
+applies to every variant. `--run DIR` trains on a run folder's bank and one of its round-1 Phase-1 candidates
+(`--candidate NAME`; default: the best on select E that Phase-2 trains), with that candidate's solver, which is
+what the main job's round trains:
+
+    .venv/bin/fewstep-search run --budget 10 --rounds 0 --out runs/p1n10
+    .venv/bin/python benchmarks/phase2.py --run runs/p1n10 --minutes 10 --set clock=cpu --threads 1 \
+        --variant lr4e-5:lr=4e-5,lr_final=1e-5 --variant lr2e-5:lr=2e-5,lr_final=5e-6
+ The bank is cached in `--out`. Times are wall time on whatever the machine is doing
 (report the cut per minute, and say if the machine was shared).
 """
 
@@ -61,6 +68,19 @@ def _bank(out: Path, k: int, m: int) -> Bank:
                       grid_size=m, dtype=torch.float32, model_id="digits", progress=True)
     bank.save(path)
     return bank
+
+
+def _candidate(run: Path, name: str | None) -> tuple[Schedule, str]:
+    """(schedule, solver) of a Phase-1 candidate of `run`'s round 1: `name`, or the best on select E among the
+    candidates whose solver Phase-2 trains."""
+    from fewstep_search.phase2.steps import PHASE2_SOLVERS
+
+    cands = json.loads((run / "round_1" / "phase1.json").read_text())["candidates"]
+    pool = [c for c in cands if c["name"] == name] if name else [c for c in cands if c["solver"] in PHASE2_SOLVERS]
+    if not pool:
+        raise SystemExit(f"{run}: no candidate {name!r} in round_1/phase1.json")
+    best = min(pool, key=lambda c: c["select_error"])
+    return Schedule(best["sigmas"], name=best["name"]), best["solver"]
 
 
 def _schedule(kind: str, nfe: int, bank: Bank) -> Schedule:
@@ -135,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("/tmp/fewstep_phase2_bench"))
     p.add_argument("--md", type=Path, default=None, help="also write the table here")
+    p.add_argument("--run", type=Path, default=None, help="a run folder: its bank and a Phase-1 candidate")
+    p.add_argument("--candidate", default=None, help="with --run: the candidate's name")
     p.add_argument("--targets", action="store_true", help="only the teacher-target accuracy table")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -146,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     common = _parse_pairs(a.set)
     den = load_digits()
     t0 = time.monotonic()
-    bank = _bank(a.out, a.trajectories, a.grid)
+    bank = _bank(a.out, a.trajectories, a.grid) if a.run is None else load_bank(a.run / "bank.safetensors")
+    if a.run is not None:
+        run_sched, a.solver = _candidate(a.run, a.candidate)
+        a.nfe = [run_sched.nfe]
     print(f"bank: K={bank.n_trajectories} M={bank.grid.numel()} {bank.sizes()} ({time.monotonic() - t0:.0f} s)",
           file=sys.stderr)
     edm10 = make_schedule("edm", 10, SIGMA_MIN, SIGMA_MAX).tensor()
@@ -154,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for nfe in a.nfe:
-        sched = _schedule(a.schedule, nfe, bank)
+        sched = _schedule(a.schedule, nfe, bank) if a.run is None else run_sched
         sig = sched.tensor()
         e0, fd0 = _test_e(den, bank, sig, a.solver), _fd(den, sig, a.samples, a.seed + 1, a.solver)
         for name, _, pairs in variants:
@@ -177,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 "minutes": minutes,
                 "wall_minutes": res.wall_seconds / 60.0, "clock": spec.clock,
                 "steps": res.steps, "teacher_calls": res.teacher_calls, "test_e_before": e0, "test_e_after": e1,
+                "select_e_before": (res.initial or {}).get("select_error", float("nan")),
+                "select_e_after": (res.final or {}).get("select_error", float("nan")),
                 "cut": cut, "cut_per_min": cut / minutes if minutes > 0 else float("nan"), "fd_before": fd0,
                 "fd_after": fd1, "fd_edm10_untouched": fd_edm10, "stopped": res.stopped_reason,
                 "spec": spec.model_dump(), "history": res.history,
@@ -185,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             atomic_write_json(a.out / f"{stamp}_results.json", rows)
     header = ("| N | schedule (solver) | variant | minutes (clock) | wall min | steps | teacher calls | "
-              "test E before | test E after | cut | cut / min | FD before | FD after | FD untouched, EDM 10 steps |")
-    lines = [header, "|" + "---|" * 14]
+              "select E before / after | test E before | test E after | cut | cut / min | FD before | FD after | "
+              "FD untouched, EDM 10 steps |")
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r['nfe']} | {r['schedule']} ({r['solver']}) | {r['variant']} | {r['minutes']:.1f} ({r['clock']}) | "
             f"{r['wall_minutes']:.1f} | {r['steps']} | "
-            f"{r['teacher_calls'] / 1e6:.2f} M | {r['test_e_before']:.4f} | {r['test_e_after']:.4f} | "
+            f"{r['teacher_calls'] / 1e6:.2f} M | {r['select_e_before']:.4f} / {r['select_e_after']:.4f} | "
+            f"{r['test_e_before']:.4f} | {r['test_e_after']:.4f} | "
             f"{100 * r['cut']:.1f}% | {100 * r['cut_per_min']:.1f}% | {r['fd_before']:.2f} | {r['fd_after']:.2f} | "
             f"{r['fd_edm10_untouched']:.2f} |"
         )
