@@ -25,7 +25,8 @@ from fewstep_search.denoiser import bind_condition
 from fewstep_search.phase2.targets import IntervalTeacher, ideal_output
 from fewstep_search.study.phase2 import Phase2Spec
 
-__all__ = ["NoisePool", "auto_pool_size", "untimed_pool_size", "PER_STEP_POOL", "MAX_POOL_BYTES"]
+__all__ = ["NoisePool", "auto_pool_size", "untimed_pool_size", "PER_STEP_POOL", "MAX_POOL_BYTES",
+           "SAVE_LIMIT_BYTES"]
 
 PER_STEP_POOL = 1024
 """`pool_size = "auto"` for the per-step loss (and for rounds budgeted in steps): its student-state targets are
@@ -33,6 +34,10 @@ re-solved every `target_reuse` passes, so the teacher's work grows with the pass
 
 MAX_POOL_BYTES = 1 << 30
 """Bytes of cached teacher trajectories an automatic pool may hold per worker (latent-sized models)."""
+
+SAVE_LIMIT_BYTES = 256 << 20
+"""Bytes of a pool's cached work saved to disk at most (with a checkpoint, or by the up-front fill); beyond it a
+resumed round solves the caches again."""
 
 
 def untimed_pool_size(spec: Phase2Spec) -> int | None:

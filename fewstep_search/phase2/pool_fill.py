@@ -26,7 +26,7 @@ from torch import Tensor
 from fewstep_search.atomic import atomic_path, atomic_write_json
 from fewstep_search.denoiser import bind_condition
 from fewstep_search.phase2.optim import Clock
-from fewstep_search.phase2.pool import NoisePool, auto_pool_size, untimed_pool_size
+from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool, auto_pool_size, untimed_pool_size
 from fewstep_search.phase2.targets import IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
 
@@ -37,8 +37,6 @@ FILL_FILE = "pool_fill.safetensors"
 FILL_PROGRESS = "pool_fill.json"
 SAVE_EVERY = 30.0
 """Wall seconds between saves of the fill (what a SIGKILL mid-fill can cost)."""
-SAVE_LIMIT = 256 << 20
-"""Bytes of end points saved at most (a latent-sized pool beyond it is solved again after a kill)."""
 
 
 def timed_pool_size(spec: Phase2Spec, *, teacher: IntervalTeacher, shape: tuple[int, ...], batch: int,
@@ -122,7 +120,7 @@ def fill_end_points(pool: NoisePool, teacher: IntervalTeacher, *, clock: Clock, 
 
     Stops early when the round's budget runs out (a pool too large for its budget: the training loop then ends
     at once). `report`: write `pool_fill.json` after each chunk; `save`: save the fill every `SAVE_EVERY` seconds
-    (only while it is small: `SAVE_LIMIT`).
+    (only while it is small: `pool.SAVE_LIMIT_BYTES`).
     """
     todo = pool.unsolved_end_points()
     last_save = time.monotonic()
@@ -135,6 +133,6 @@ def fill_end_points(pool: NoisePool, teacher: IntervalTeacher, *, clock: Clock, 
         solved += idx.numel()
         if report:
             atomic_write_json(Path(root) / FILL_PROGRESS, {"solved": solved, "size": pool.size})
-        if save and time.monotonic() - last_save > SAVE_EVERY and pool.cache_bytes() <= SAVE_LIMIT:
+        if save and time.monotonic() - last_save > SAVE_EVERY and pool.cache_bytes() <= SAVE_LIMIT_BYTES:
             _save_fill(root, pool, clock, config_key)
             last_save = time.monotonic()

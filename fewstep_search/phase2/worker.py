@@ -41,7 +41,7 @@ from fewstep_search.phase2.loss import (
     teacher_forced_loss,
 )
 from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
-from fewstep_search.phase2.pool import NoisePool
+from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool
 from fewstep_search.phase2.pool_fill import fill_end_points, read_fill, timed_pool_size
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
@@ -304,9 +304,6 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
 FILL_CHUNK_BATCHES = 4
 """Training batches of pool samples per batched teacher solve of the up-front fill."""
 
-_POOL_SAVE_LIMIT = 256 << 20
-"""Bytes of cached pool work saved with each checkpoint at most (beyond it a resume recomputes the caches)."""
-
 
 def _pool_state(pool: NoisePool, world_size: int) -> dict[str, Tensor] | None:
     """The pool's caches for the checkpoint: one worker only (rank 0 writes the folder), and only if small.
@@ -314,7 +311,7 @@ def _pool_state(pool: NoisePool, world_size: int) -> dict[str, Tensor] | None:
     Without them a resumed round recomputes the caches with the current student, so it is no longer bitwise
     the uninterrupted run (it stays within noise of it).
     """
-    if world_size != 1 or pool.cache_bytes() > _POOL_SAVE_LIMIT:
+    if world_size != 1 or pool.cache_bytes() > SAVE_LIMIT_BYTES:
         return None
     return pool.cache_state()
 
