@@ -13,9 +13,9 @@ trajectories; no decision looked at them.
     .venv/bin/python benchmarks/rounds.py --nfe 4 10 --minutes 20 --tag per-step --set per_step_weight=1 \
         --set end_to_end_weight=0 --set 'train_for="first_order"'        # the per-step loss (the old default)
 
-The runs live in `--out` (rerunning resumes them); the table goes to README.md and docs/phase2.md between
-`<!-- rounds:start -->` and `<!-- rounds:end -->` (`<!-- rounds-TAG:start -->` ... with `--tag TAG`) unless
-`--no-write`.
+The runs live in `--out` (rerunning resumes them); the table goes to docs/phase2.md between
+`<!-- rounds:start -->` and `<!-- rounds:end -->` (`<!-- rounds-TAG:start -->` ... with `--tag TAG`), and to
+README.md where it has that block, unless `--no-write`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _blocks import replace_block
+from _blocks import markers, replace_block
 
 from fewstep_search.atomic import atomic_write_text
 from fewstep_search.models.source import ModelSource
@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         "", table(rows), ""])
     print(body)
     if not a.no_write:
-        for path in (ROOT / "README.md", ROOT / "docs" / "phase2.md"):
-            replace_block(path, f"rounds-{a.tag}" if a.tag else "rounds", body)
+        name = f"rounds-{a.tag}" if a.tag else "rounds"
+        replace_block(ROOT / "docs" / "phase2.md", name, body)
+        readme = ROOT / "README.md"
+        if markers(name)[0] in readme.read_text():  # the README shows today's defaults; docs keep every tag
+            replace_block(readme, name, body)
     return 0
 
 
