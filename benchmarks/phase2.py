@@ -17,8 +17,9 @@ what the main job's round trains:
     .venv/bin/fewstep-search run --budget 10 --rounds 0 --out runs/p1n10
     .venv/bin/python benchmarks/phase2.py --run runs/p1n10 --minutes 10 --set clock=cpu --threads 1 \
         --variant lr4e-5:lr=4e-5,lr_final=1e-5 --variant lr2e-5:lr=2e-5,lr_final=5e-6
- The bank is cached in `--out`. Times are wall time on whatever the machine is doing
-(report the cut per minute, and say if the machine was shared).
+
+The bank is cached in `--out`. Times are wall time on whatever the machine is doing (report the cut per minute,
+and say if the machine was shared).
 """
 
 from __future__ import annotations

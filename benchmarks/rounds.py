@@ -84,7 +84,7 @@ def row(nfe: int, res: dict[str, Any], edm10_fd: float, teacher_fd: float) -> di
         "cut_pick": 1 - rnd["test_error"] / pick["test_error"],
         "cut_phase1": 1 - rnd["test_error"] / p1["test_error"],
         "edm10_fd": edm10_fd, "teacher_fd": teacher_fd, "best": res["best"]["round"],
-        "stopped": rnd.get("stopped_reason"), "pool_seconds": p2.get("train_from"),
+        "stopped": rnd.get("stopped_reason"),
     }
 
 
