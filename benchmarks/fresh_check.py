@@ -40,10 +40,11 @@ from fewstep_search.models.source import ModelSource
 from fewstep_search.quality import QUALITY_SAMPLES, sample
 from fewstep_search.schedules import Schedule, make_schedule
 from fewstep_search.solvers import get_solver, reference
+from fewstep_search.study.phase2 import Phase2Spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
-ACCURATE_STEPS = 200
+ACCURATE_STEPS = Phase2Spec().end_to_end_teacher_steps or 200
 """iPNDM steps on EDM's (Karras) grid of the untouched model's accurate solve: the FD a student that matches its
 teacher tends to (Phase-2's end points are this solve)."""
 SEED_BASE = 10_000
@@ -82,10 +83,6 @@ def fds(den: Denoiser, sched: Schedule, solver: str, seeds: list[int]) -> np.nda
                      for s in seeds])
 
 
-def _schedule(d: dict[str, Any]) -> Schedule:
-    return Schedule(tuple(float(s) for s in d["sigmas"]))
-
-
 def check(run: Path, n_traj: int, seeds: list[int]) -> dict[str, Any]:
     res = json.loads((run / "results.json").read_text())
     p1 = json.loads((run / "round_1" / "phase1.json").read_text())
@@ -95,7 +92,7 @@ def check(run: Path, n_traj: int, seeds: list[int]) -> dict[str, Any]:
     winner = by_name[res["baselines"]["phase1"]["name"]]
     teacher = ModelSource(kind="digits").load()
     student = ModelSource(kind="digits").with_checkpoint(run / "round_1" / "model.safetensors").load()
-    s_pick, s_win = _schedule(pick), _schedule(winner)
+    s_pick, s_win = Schedule.from_dict(pick), Schedule.from_dict(winner)
     x, x0 = fresh_references(teacher, n_traj, s_pick.sigma_min, s_pick.sigma_max)
     e_win = errors(teacher, s_win, winner["solver"], x, x0)
     e_pick = errors(teacher, s_pick, pick["solver"], x, x0)
