@@ -121,7 +121,8 @@ def _cut(c: tuple[float, float, float]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| run | N | Phase-1 winner (solver) | fresh E: winner / trained pick / round 1 | cut vs winner [95%] | "
-            "cut vs pick [95%] | FD winner | FD round 1 | FD round 1 - winner (paired) |")
+            "cut vs pick [95%] | FD winner | FD round 1 | FD round 1 - winner (paired) | "
+            "FD untouched, accurate solve |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
