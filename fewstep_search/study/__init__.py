@@ -93,12 +93,15 @@ class ModelSpec(Strict):
 class BankSpec(Strict):
     """Reference-trajectory bank settings (`fewstep_search.bank.build_bank`)."""
 
-    # Defaults sized for a laptop CPU and a small network (the built-in digits model: ~25 s); the analytic
-    # studies in studies/ ask for more trajectories, a finer grid and float64.
-    n_trajectories: int = Field(default=128, ge=4)
+    # Defaults sized for a laptop CPU and a small network (the built-in digits model: about a minute); the
+    # analytic studies in studies/ ask for more trajectories, a finer grid and float64. Thirds, not quarters:
+    # fitting a schedule needs few trajectories, while picking among schedules and reporting the pick need many,
+    # because a schedule's error over trajectories can be heavy-tailed (at N = 10 on digits, 32 select
+    # trajectories let DPM-Solver++(2M) schedules with a few large misses win; docs/phase2.md).
+    n_trajectories: int = Field(default=192, ge=4)
     grid_size: int = Field(default=64, ge=8)
-    select_fraction: float = Field(default=0.25, gt=0, lt=1, description="trajectories the winner is picked on")
-    test_fraction: float = Field(default=0.25, gt=0, lt=1, description="trajectories results are reported on")
+    select_fraction: float = Field(default=1 / 3, gt=0, lt=1, description="trajectories the winner is picked on")
+    test_fraction: float = Field(default=1 / 3, gt=0, lt=1, description="trajectories results are reported on")
     substeps: int = Field(default=2, ge=1)
     probes: int = Field(default=1, ge=1)
     gain_substeps: int = Field(default=1, ge=1)
