@@ -61,11 +61,13 @@ class Phase2Spec(Strict):
         default=0.0, ge=0, le=1, description="share of the budget trained on the teacher's own trajectory first"
     )
     end_to_end_weight: float = Field(
-        default=1.0, ge=0, description="weight of ||x0_hat - x0*||^2 (the student's whole chain against the "
-        "teacher's end point; alone by default, which needs the teacher once per pool sample)"
+        default=1.0, ge=0, description="weight of the end-to-end term (end_to_end_loss: the student's whole "
+        "chain against the teacher's end point; alone by default, which needs the teacher once per pool sample)"
     )
+    # norm by default: it is the quantity the round is judged on (E), and it led the squared loss on select E in
+    # every side-by-side pair (docs/phase2.md); the squared loss lets a few large-error samples steer the update.
     end_to_end_loss: Literal["squared", "norm"] = Field(
-        default="squared", description="the end-to-end term: squared: mean ||x0_hat - x0*||^2; norm: mean "
+        default="norm", description="the end-to-end term: squared: mean ||x0_hat - x0*||^2; norm: mean "
         "||x0_hat - x0*||, the true error E itself"
     )
     per_step_weight: float = Field(
