@@ -100,3 +100,22 @@ def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_
         Phase2Spec(end_to_end_weight=0.0)  # the default per_step_weight is 0
     with pytest.raises(ValueError, match="warms up the per-step loss"):
         Phase2Spec(per_step_weight=0.0, end_to_end_weight=1.0, teacher_forced_fraction=0.5)
+
+
+def test_the_path_term_trains_beside_the_end_to_end_term_from_one_teacher_solve_per_sample(tmp_path) -> None:
+    """`path_weight > 0`: the pool solves the teacher's whole node path with its end point (the fine grid plus one
+    call per interior node), once per sample, and the round still lowers the iPNDM E."""
+    teacher = make_tiny(seed=3)
+    bank = build_bank(teacher, shape=(8,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, n_trajectories=48,
+                      grid_size=24, dtype=torch.float32, probes=1, model_id="tiny")
+    sched = make_schedule("vp_time_quadratic", 4, SIGMA_MIN, SIGMA_MAX)
+    src = ModelSource.of(teacher)
+    spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
+                      pool_size=32, path_weight=1.0)
+    res = fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "path",
+                    engine="local", solver="ipndm")
+    assert res.stopped_reason is None
+    assert res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
+    assert res.teacher_calls == 32 * (spec.end_to_end_teacher_steps + 3)  # 3 interior nodes at N = 4
+    with pytest.raises(ValueError, match="needs end_to_end_weight"):
+        Phase2Spec(path_weight=1.0, end_to_end_weight=0.0, per_step_weight=1.0)

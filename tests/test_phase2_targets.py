@@ -206,3 +206,37 @@ def test_the_norm_end_to_end_loss_is_the_true_error_itself() -> None:
     assert float(end_to_end_error(a, b)) == pytest.approx(float(dist.square().mean()), rel=1e-9)
     with pytest.raises(ValueError, match="unknown end-to-end loss"):
         end_to_end_error(a, b, "l1")
+
+
+def test_the_path_solve_visits_every_node_and_agrees_with_interval_solves() -> None:
+    """`path_points` (one iPNDM pass with the schedule's nodes inserted) gives the teacher's state at each node:
+    close to bounded-step RK4 node to node, with the start unchanged, at `steps` + N - 1 calls per sample."""
+    from fewstep_search.phase2.targets import CountingDenoiser, path_points
+
+    den = CountingDenoiser(make_tiny(seed=5))
+    x = 80.0 * torch.randn(16, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    nodes = tuple(float(s) for s in make_schedule("vp_time_quadratic", 5, 0.002, 80.0).sigmas)
+    path = path_points(den, x, nodes, steps=200)
+    assert path.shape == (6, 16, 8) and torch.equal(path[0], x)
+    assert den.sample_calls == 16 * (200 + 4)  # the fine grid's calls plus one per interior node
+    ref = [x]
+    for s0, s1 in zip(nodes[:-1], nodes[1:], strict=True):
+        ref.append(solve_interval(den, ref[-1], s0, s1, max_log_step=0.02, solver="rk4"))
+    for k in range(1, 6):
+        err = float((path[k] - ref[k]).norm(dim=1).mean())
+        assert err < 1e-3 * float(ref[k].norm(dim=1).mean())
+
+
+def test_the_path_term_is_zero_on_the_teachers_path_and_weighted_by_the_gain() -> None:
+    from fewstep_search.phase2.loss import path_error
+
+    target = torch.randn(5, 6, 3, dtype=torch.float64)
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    assert float(path_error(target.clone(), target, w)) == pytest.approx(0.0, abs=1e-5)  # the sqrt's 1e-12 guard
+    states = target.clone()
+    states[2] += 1.0  # interior node 2 (weight 1.0) off by a vector of norm sqrt(3) in every sample
+    states[0] += 5.0  # the start and the end are not the path term's business
+    states[-1] -= 5.0
+    assert float(path_error(states, target, w)) == pytest.approx(math.sqrt(3) / 3, abs=1e-5)
+    assert float(path_error(states, target, w, "squared")) == pytest.approx(3.0 / 3, rel=1e-6)
+    assert float(path_error(target[[0, -1]], target[[0, -1]], w[:0])) == 0.0  # N = 1: no interior node

@@ -79,11 +79,12 @@ class NoisePool:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         n_conditions: int = 0,
+        keep_path: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"the noise pool needs at least one sample, got {size}")
         g = torch.Generator().manual_seed(seed)
-        self.size, self.seed = size, seed
+        self.size, self.seed, self.keep_path = size, seed, keep_path
         self.x = (sigma_max * torch.randn(size, *shape, generator=g, dtype=torch.float64)).to(device, dtype)
         self.cond = (
             torch.randint(0, n_conditions, (size,), generator=g).to(device) if n_conditions > 0 else None
@@ -92,6 +93,7 @@ class NoisePool:
         self._has_first = torch.zeros(size, dtype=torch.bool)
         self._traj: Tensor | None = None
         self._end: Tensor | None = None
+        self._path: Tensor | None = None  # [size, N + 1, *shape] with keep_path: the teacher's node states
         self._has_end = torch.zeros(size, dtype=torch.bool)
         self._has_traj = torch.zeros(size, dtype=torch.bool)
         self._reuse_states: Tensor | None = None
@@ -157,9 +159,27 @@ class NoisePool:
         missing = idx[~self._has_end[idx]].unique()
         if missing.numel():
             dev = self.x.device
-            self._end[missing.to(dev)] = self.teacher_for(teacher, missing).end_point(self.x[missing.to(dev)])
+            bound = self.teacher_for(teacher, missing)
+            if self.keep_path:
+                path = bound.path(self.x[missing.to(dev)])  # [N + 1, b, ...]; the same end point, one solve
+                if self._path is None:
+                    self._path = torch.empty(self.size, path.shape[0], *self.x.shape[1:], dtype=self.x.dtype,
+                                             device=dev)
+                self._path[missing.to(dev)] = path.transpose(0, 1)
+                self._end[missing.to(dev)] = path[-1]
+            else:
+                self._end[missing.to(dev)] = bound.end_point(self.x[missing.to(dev)])
             self._has_end[missing] = True
         return self._end[idx.to(self.x.device)]
+
+    def path_points(self, teacher: IntervalTeacher, idx: Tensor) -> Tensor:
+        """The teacher's states [N + 1, B, *shape] at the schedule's nodes for pool samples `idx` (`keep_path`;
+        solved with the end points, cached)."""
+        if not self.keep_path:
+            raise ValueError("path_points needs a pool made with keep_path=True")
+        self.end_points(teacher, idx)
+        assert self._path is not None
+        return self._path[idx.to(self.x.device)].transpose(0, 1)
 
     def unsolved_end_points(self) -> Tensor:
         """Pool indices whose end point is not cached yet (ascending)."""
@@ -194,8 +214,8 @@ class NoisePool:
 
     # ---------------------------------------------------------------- persistence (exact resume)
 
-    _CACHES = ("_first", "_has_first", "_traj", "_has_traj", "_end", "_has_end", "_reuse_states", "_reuse_targets",
-               "_reuse_pass")
+    _CACHES = ("_first", "_has_first", "_traj", "_has_traj", "_end", "_has_end", "_path", "_reuse_states",
+               "_reuse_targets", "_reuse_pass")
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._CACHES) if t is not None)

@@ -41,7 +41,7 @@ from fewstep_search.denoiser import Denoiser
 from fewstep_search.solvers import ipndm, rk4_interval, substeps_for
 
 __all__ = ["TeacherSolver", "TEACHER_SOLVERS", "CountingDenoiser", "solve_interval", "ideal_output", "calls_for",
-           "end_point", "fine_grid"]
+           "end_point", "path_points", "fine_grid"]
 
 TeacherSolver = Literal["rk4", "rk4_exp", "auto"]
 TEACHER_SOLVERS: tuple[str, ...] = ("rk4", "rk4_exp", "auto")
@@ -156,6 +156,29 @@ def end_point(teacher: Denoiser, x: Tensor, sigma_max: float, sigma_min: float, 
     return ipndm(teacher, x, fine_grid(float(sigma_max), float(sigma_min), steps, device=x.device))
 
 
+@torch.no_grad()
+def path_points(teacher: Denoiser, x: Tensor, nodes: tuple[float, ...], *, steps: int) -> Tensor:
+    """The teacher's states [N + 1, B, *shape] at every node of `nodes` (descending, `nodes[0]` the start): one
+    iPNDM pass on `fine_grid` with the nodes inserted, so the end matches `end_point` and the interior states cost
+    no more calls than the nodes add (`steps` + N - 1 calls per sample)."""
+    grid = fine_grid(float(nodes[0]), float(nodes[-1]), steps, device=x.device)
+    merged = torch.unique(torch.cat([grid, torch.tensor(nodes, dtype=grid.dtype, device=grid.device)]))
+    merged = merged.flip(0)  # descending, duplicates (the shared end points) gone
+    at = {int(torch.argmin((merged - float(s)).abs())): k for k, s in enumerate(nodes)}
+    states: list[Tensor | None] = [None] * len(nodes)
+    states[0] = x
+
+    def keep(info: dict) -> None:
+        k = at.get(int(info["i"]))
+        if k is not None and k > 0:
+            states[k] = info["x"]
+
+    states[-1] = ipndm(teacher, x, merged, callback=keep)
+    if any(s is None for s in states):
+        raise RuntimeError("path_points: a schedule node was not visited on the merged grid")
+    return torch.stack(states)  # type: ignore[arg-type]
+
+
 def ideal_output(y: Tensor, x: Tensor, s0: float, s1: float) -> Tensor:
     """D_bar = (y - r x) / (1 - r), r = s1 / s0: the output whose DDIM step from x at s0 lands on y at s1."""
     r = float(s1) / float(s0)
@@ -199,6 +222,12 @@ class IntervalTeacher:
         if self.end_steps is None:
             return self.trajectory(x_start)[-1]
         return end_point(self.teacher, x_start, self.sigmas[0], self.sigmas[-1], steps=self.end_steps)
+
+    def path(self, x_start: Tensor) -> Tensor:
+        """[N + 1, B, *shape]: the teacher's states at every node whose last is `end_point` (the path term)."""
+        if self.end_steps is None:
+            return self.trajectory(x_start)
+        return path_points(self.teacher, x_start, self.sigmas, steps=self.end_steps)
 
     def end_calls_per_sample(self) -> int:
         """Teacher evaluations per sample of `end_point`."""

@@ -33,7 +33,7 @@ from fewstep_search.denoiser import is_conditional
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.objectives import check_endpoints
 from fewstep_search.phase2 import checkpoints as ck
-from fewstep_search.phase2.loss import step_weights
+from fewstep_search.phase2.loss import rms_gain, step_weights
 from fewstep_search.phase2.pool import untimed_pool_size
 from fewstep_search.phase2.pool_fill import FILL_FILE, FILL_PROGRESS, read_fill_progress
 from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, check_phase2_solver
@@ -106,6 +106,8 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
         del budget_free["end_to_end_teacher_steps"]  # per-step rounds keep their keys
     if spec.end_to_end_loss == "squared":
         del budget_free["end_to_end_loss"]  # the loss before the option existed: the same key
+    if spec.path_weight == 0:
+        del budget_free["path_weight"]  # rounds without the path term keep their keys
     parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
     if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
         parts.append(solver)
@@ -166,6 +168,7 @@ def fine_tune(
     latest = ck.latest_checkpoint(root)
     cfg = WorkerConfig(
         teacher=teacher, student=student, sigmas=sigmas, weights=tuple(step_weights(bank, sig, solver).tolist()),
+        node_weights=tuple(rms_gain(bank, sig[1:-1]).tolist()),
         select=eval_bank(bank.select()), test=eval_bank(bank.test()), shape=bank.shape, spec=spec,
         out_dir=str(root), device=device, resume_from=None if latest is None else str(latest), config_key=key,
         n_conditions=len(den.conditions) if is_conditional(den) else 0, solver=solver,

@@ -37,6 +37,7 @@ from fewstep_search.phase2.loss import (
     bind_student,
     end_to_end_error,
     fixed_state_loss,
+    path_error,
     student_state_targets,
     teacher_forced_loss,
 )
@@ -67,6 +68,8 @@ class WorkerConfig:
     config_key: str = ""
     n_conditions: int = 0
     solver: str = "ddim"
+    node_weights: tuple[float, ...] = ()
+    """phi at the schedule's interior nodes (the path term's weights; from the bank, like `weights`)."""
 
 
 class WorkerContext(Protocol):
@@ -196,7 +199,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         optimizer.load_state_dict(saved.optimizer["optimizer"])
         scheduler.load_state_dict(saved.optimizer["scheduler"])
     autocast = spec.autocast and device.type == "cuda"
-    chain = StudentChain(module, cfg.sigmas, cfg.solver, autocast) if spec.end_to_end_weight > 0 else None
+    chain = (StudentChain(module, cfg.sigmas, cfg.solver, autocast, states=spec.path_weight > 0)
+             if spec.end_to_end_weight > 0 else None)
     # the one module a step's backward runs through: the chain when it is the whole loss (per_step_weight = 0
     # implies end_to_end_weight > 0, Phase2Spec checks it), else the student
     model = ctx.prepare(chain if spec.per_step_weight == 0 else module)
@@ -213,7 +217,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     pool = NoisePool(
         state.pool_size, cfg.shape, cfg.sigmas[0],
         seed=spec.seed * 1009 + ctx.rank, device=device, dtype=cfg.select.x_start.dtype,
-        n_conditions=cfg.n_conditions,
+        n_conditions=cfg.n_conditions, keep_path=spec.path_weight > 0,
     )
     if saved is not None and saved.pool is not None and ctx.world_size == 1:
         pool.load_cache_state(saved.pool)
@@ -388,8 +392,15 @@ def _step_loss(
         parts = LossParts(total=weights.new_zeros(()), per_step=torch.zeros(len(cfg.sigmas) - 1))
     if spec.end_to_end_weight > 0:
         assert chain is not None
-        x_end = pool.end_points(teacher, idx)
-        e2e = end_to_end_error(chain(x, cond), x_end, spec.end_to_end_loss)
-        parts = LossParts(total=parts.total + spec.end_to_end_weight * e2e, per_step=parts.per_step,
+        out = chain(x, cond)
+        if spec.path_weight > 0:  # the chain returned every node's state
+            goal = pool.path_points(teacher, idx)
+            e2e = end_to_end_error(out[-1], goal[-1], spec.end_to_end_loss)
+            node_w = torch.tensor(cfg.node_weights, dtype=torch.float32)
+            total = e2e + spec.path_weight * path_error(out, goal, node_w, spec.end_to_end_loss)
+        else:
+            e2e = end_to_end_error(out, pool.end_points(teacher, idx), spec.end_to_end_loss)
+            total = e2e
+        parts = LossParts(total=parts.total + spec.end_to_end_weight * total, per_step=parts.per_step,
                           end_to_end=e2e.detach())
     return parts

@@ -70,6 +70,10 @@ class Phase2Spec(Strict):
         default="norm", description="the end-to-end term: squared: mean ||x0_hat - x0*||^2; norm: mean "
         "||x0_hat - x0*||, the true error E itself"
     )
+    path_weight: float = Field(
+        default=0.0, ge=0, description="weight of the path term beside the end-to-end term: the student's chain "
+        "states against the teacher's at the schedule's interior nodes, each times the flow's gain from there"
+    )
     per_step_weight: float = Field(
         default=0.0, ge=0, description="weight of the per-step loss (1 with end_to_end_weight = 0: the per-step "
         "loss alone, the default before the end-to-end term measured better; docs/phase2.md)"
@@ -103,6 +107,9 @@ class Phase2Spec(Strict):
         if self.per_step_weight == 0 and self.teacher_forced_fraction > 0:
             raise ValueError("teacher_forced_fraction warms up the per-step loss, which per_step_weight = 0 (the "
                              "default) turns off; set per_step_weight = 1 and end_to_end_weight = 0 for it")
+        if self.path_weight > 0 and self.end_to_end_weight == 0:
+            raise ValueError("path_weight adds the path term to the end-to-end term's chain; it needs "
+                             "end_to_end_weight > 0")
         if self.workers > 1 and self.end_to_end_weight > 0 and self.per_step_weight > 0:
             raise ValueError("end_to_end_weight beside the per-step loss needs workers = 1 (DDP allows one forward "
                              "per backward; per_step_weight = 0, the end-to-end term alone, runs on several)")
