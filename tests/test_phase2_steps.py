@@ -76,21 +76,26 @@ def test_an_ipndm_round_trains_for_ipndm_and_its_weights_carry_the_ab_factor(tmp
                   engine="local", solver="dpmpp_2m")
 
 
-@pytest.mark.parametrize("loss", ["squared", "norm"])
-def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_sample(tmp_path, loss) -> None:
-    """Where the per-step iPNDM loss raises E on this tiny model (above), the end-to-end term alone lowers it:
-    it differentiates through the whole multistep chain. Its target is the teacher's end point from the noise,
-    so the teacher runs once per pool sample however many passes the round makes."""
+def _tiny_ipndm_round(spec: Phase2Spec, out_dir):
+    """One iPNDM round of `spec` on the tiny model at N = 4 (its own bank), in this process."""
     teacher = make_tiny(seed=3)
     bank = build_bank(teacher, shape=(8,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, n_trajectories=48,
                       grid_size=24, dtype=torch.float32, probes=1, model_id="tiny")
     sched = make_schedule("vp_time_quadratic", 4, SIGMA_MIN, SIGMA_MAX)
     src = ModelSource.of(teacher)
+    return fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=out_dir,
+                     engine="local", solver="ipndm")
+
+
+@pytest.mark.parametrize("loss", ["squared", "norm"])
+def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_sample(tmp_path, loss) -> None:
+    """Where the per-step iPNDM loss raises E on this tiny model (above), the end-to-end term alone lowers it:
+    it differentiates through the whole multistep chain. Its target is the teacher's end point from the noise,
+    so the teacher runs once per pool sample however many passes the round makes."""
     spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
                       pool_size=32, max_log_step=1.0, per_step_weight=0.0, end_to_end_weight=1.0,
                       end_to_end_loss=loss)
-    res = fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "e2e",
-                    engine="local", solver="ipndm")
+    res = _tiny_ipndm_round(spec, tmp_path / "e2e")
     assert res.stopped_reason is None
     assert res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
     assert res.initial["teacher_error"] < 0.1 * res.initial["select_error"]  # the targets are far closer
@@ -105,15 +110,9 @@ def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_
 def test_the_path_term_trains_beside_the_end_to_end_term_from_one_teacher_solve_per_sample(tmp_path) -> None:
     """`path_weight > 0`: the pool solves the teacher's whole node path with its end point (the fine grid plus one
     call per interior node), once per sample, and the round still lowers the iPNDM E."""
-    teacher = make_tiny(seed=3)
-    bank = build_bank(teacher, shape=(8,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, n_trajectories=48,
-                      grid_size=24, dtype=torch.float32, probes=1, model_id="tiny")
-    sched = make_schedule("vp_time_quadratic", 4, SIGMA_MIN, SIGMA_MAX)
-    src = ModelSource.of(teacher)
     spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
                       pool_size=32, path_weight=1.0)
-    res = fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "path",
-                    engine="local", solver="ipndm")
+    res = _tiny_ipndm_round(spec, tmp_path / "path")
     assert res.stopped_reason is None
     assert res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
     assert res.teacher_calls == 32 * (spec.end_to_end_teacher_steps + 3)  # 3 interior nodes at N = 4

@@ -64,8 +64,7 @@ def timed_pool_size(spec: Phase2Spec, *, teacher: IntervalTeacher, shape: tuple[
         per_call = max(clock.seconds - t0, 1e-6) / batch
     # cached per sample: the end point, and with the path term every node's state (N + 1 in all)
     states = len(teacher.sigmas) if spec.path_weight > 0 else 1
-    extra = len(teacher.sigmas) - 2 if spec.path_weight > 0 and teacher.end_steps is not None else 0
-    calls = teacher.end_calls_per_sample() + extra  # the path's inserted nodes: one call each
+    calls = teacher.path_calls_per_sample() if spec.path_weight > 0 else teacher.end_calls_per_sample()
     size = auto_pool_size(budget_seconds=60.0 * spec.max_minutes, seconds_per_sample=per_call * calls,
                           share=spec.teacher_share, batch=batch, sample_bytes=states * x[0].numel() * x.element_size())
     return int(agree(float(size)))

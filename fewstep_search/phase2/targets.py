@@ -233,6 +233,10 @@ class IntervalTeacher:
         """Teacher evaluations per sample of `end_point`."""
         return self.calls_per_sample() if self.end_steps is None else self.end_steps
 
+    def path_calls_per_sample(self) -> int:
+        """Teacher evaluations per sample of `path`: `end_point`'s, plus one per node inserted in the fine grid."""
+        return self.calls_per_sample() if self.end_steps is None else self.end_steps + len(self.sigmas) - 2
+
     def calls_per_sample(self, intervals: range | None = None) -> int:
         """Teacher evaluations per sample for the given intervals (all by default)."""
         idx = intervals if intervals is not None else range(len(self.sigmas) - 1)

@@ -207,6 +207,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     if spec.per_step_weight == 0:
         chain = model
     weights = torch.tensor(cfg.weights, dtype=torch.float32, device=device)
+    node_weights = torch.tensor(cfg.node_weights, dtype=torch.float32, device=device)
     world = ctx.world_size
     batch = max(1, math.ceil(spec.batch_size / world))
     if state.pool_size is None:
@@ -245,7 +246,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                     break
                 mode = "forced" if clock.progress < spec.teacher_forced_fraction else "student"
                 parts = _step_loss(cfg, pool, teacher, model, module, chain, weights, clock.step, batch, mode,
-                                   fresh, autocast)
+                                   fresh, autocast, node_weights)
                 bad = not bool(torch.isfinite(parts.total))
                 flags = ctx.any_flag(torch.tensor([float(bad), 0.0], device=device))
                 if bool(flags[0]):
@@ -348,6 +349,7 @@ def _append_epoch(root: Path, metrics: dict[str, Any]) -> None:
 def _step_loss(
     cfg: WorkerConfig, pool: NoisePool, teacher: IntervalTeacher, model: nn.Module, module: nn.Module,
     chain: nn.Module | None, weights: Tensor, step: int, batch: int, mode: str, fresh: bool, autocast: bool,
+    node_weights: Tensor,
 ) -> LossParts:
     """One batch's loss (see `fewstep_search.phase2.loss`); the pool supplies noise and cached teacher work.
 
@@ -396,8 +398,7 @@ def _step_loss(
         if spec.path_weight > 0:  # the chain returned every node's state
             goal = pool.path_points(teacher, idx)
             e2e = end_to_end_error(out[-1], goal[-1], spec.end_to_end_loss)
-            node_w = torch.tensor(cfg.node_weights, dtype=torch.float32)
-            total = e2e + spec.path_weight * path_error(out, goal, node_w, spec.end_to_end_loss)
+            total = e2e + spec.path_weight * path_error(out, goal, node_weights, spec.end_to_end_loss)
         else:
             e2e = end_to_end_error(out, pool.end_points(teacher, idx), spec.end_to_end_loss)
             total = e2e
