@@ -287,26 +287,40 @@ def make_schedule(family: str, nfe: int, sigma_min: float, sigma_max: float, **o
 # ---------------------------------------------------------------- the shared parameterization
 
 
+MIN_STEP_SHARE = 1e-6
+"""The least share of the log-sigma span a logits schedule gives one step: on the default span (80 -> 0.002)
+neighbouring sigmas then differ by at least 1e-5 relative, far above float32's resolution (1.2e-7)."""
+
+
 def sigmas_from_logits(logits: Tensor, sigma_min: float, sigma_max: float) -> Tensor:
     """Differentiable map from N logits to N+1 descending sigmas with exact endpoints.
 
-    `log sigma_i = log sigma_max - log(sigma_max/sigma_min) * cumsum(softmax(logits))_i`, so every real vector is
-    a valid schedule (no constraints for the optimizer) and the map is smooth.
+    `log sigma_i = log sigma_max - log(sigma_max/sigma_min) * cumsum(w)_i` with the step shares
+    `w = MIN_STEP_SHARE + (1 - N MIN_STEP_SHARE) softmax(logits)`, so every real vector is a valid schedule (no
+    constraints for the optimizer) and the map is smooth. Why the floor: with a bare softmax an extreme logit
+    (an L-BFGS-B line search tries them) shrinks a step below the resolution of float32, two sigmas collide when
+    the bank's solve casts them, and the trial failed with "sigmas must be strictly decreasing" after finding its
+    best point (tests/test_schedules.py).
     """
+    n = logits.shape[-1]
     span = math.log(sigma_max / sigma_min)
-    frac = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
+    share = MIN_STEP_SHARE + (1.0 - n * MIN_STEP_SHARE) * torch.softmax(logits, dim=-1)
+    frac = torch.cumsum(share, dim=-1)
     zero = torch.zeros_like(frac[..., :1])
     log_s = math.log(sigma_max) - span * torch.cat([zero, frac], dim=-1)
     s = torch.exp(log_s)
-    # Pin the endpoints exactly (cumsum of softmax is 1 only up to rounding).
+    # Pin the endpoints exactly (cumsum of the shares is 1 only up to rounding).
     s = torch.cat([s[..., :1] * 0 + sigma_max, s[..., 1:-1], s[..., -1:] * 0 + sigma_min], dim=-1)
     return s
 
 
 def logits_from_sigmas(sigmas: Sequence[float] | np.ndarray | Schedule) -> Tensor:
-    """Inverse of `sigmas_from_logits` (up to an additive constant): logits = log of the log-sigma decrements."""
+    """Inverse of `sigmas_from_logits` (up to an additive constant): logits = log of the log-sigma decrements
+    (their shares of the span, less the floor)."""
     arr = sigmas.sigmas if isinstance(sigmas, Schedule) else np.asarray(sigmas, dtype=np.float64)
     dec = -np.diff(np.log(arr))
     if np.any(dec <= 0):
         raise ValueError("sigmas must be strictly decreasing to convert to logits")
-    return torch.tensor(np.log(dec / dec.sum()), dtype=torch.float64, device="cpu")
+    # a step below the floor maps to the floor's schedule (the nearest the forward map can reach)
+    soft = np.maximum(dec / dec.sum() - MIN_STEP_SHARE, 1e-300) / (1.0 - dec.size * MIN_STEP_SHARE)
+    return torch.tensor(np.log(soft), dtype=torch.float64, device="cpu")

@@ -77,6 +77,16 @@ def test_logit_parameterization_roundtrip_and_validity() -> None:
     assert float(rand[0]) == 80.0 and float(rand[-1]) == 0.002
 
 
+def test_extreme_logits_stay_strictly_decreasing_in_float32() -> None:
+    """An L-BFGS-B line search tries logits like these; the bank's float32 solve casts the sigmas, and a bare
+    softmax let two of them collide there (the trial then failed after finding its best point)."""
+    logits = torch.zeros(10, dtype=torch.float64)
+    logits[-1], logits[3] = -80.0, 40.0
+    sig = sigmas_from_logits(logits, 0.002, 80.0).to(torch.float32)
+    assert bool(torch.all(sig[1:] < sig[:-1]))
+    Schedule(sig.double().numpy())
+
+
 def test_lambda_and_vp_conversions_roundtrip() -> None:
     sig = np.array([80.0, 3.0, 0.5, 0.002])
     np.testing.assert_allclose(lambda_to_sigma(sigma_to_lambda(sig)), sig, rtol=1e-14)
