@@ -375,6 +375,8 @@ def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule:
     seconds = time.perf_counter() - t0
     run.timings[f"phase2_round_{r}"] = seconds
     _note_targets(run, r, result.initial or {})
+    for line in result.notes:
+        run.note(f"round {r}: {line}")
     target = rundir.store_model(r, Path(result.checkpoint))
     den = run.teacher_source.with_checkpoint(target).load(cache=False)
     evaluation = run.evaluate(den, schedule, bank, solver=str(row.get("solver", "ddim")))

@@ -97,3 +97,85 @@ def _key(out) -> str:
     import json
 
     return json.loads((out / "result.json").read_text())["config_key"]
+
+
+def _slow_fill(monkeypatch, seconds: float) -> list[int]:
+    """Each batched teacher solve takes at least `seconds` (a machine that got busy); returns their sizes."""
+    import time
+
+    real, calls = NoisePool.end_points, []
+
+    def slow(self, teacher, idx):
+        if not bool(self._has_end[idx].all()):  # the teacher solves (the training steps read the cache)
+            calls.append(int(idx.numel()))
+            time.sleep(seconds)
+        return real(self, teacher, idx)
+
+    monkeypatch.setattr(NoisePool, "end_points", slow)
+    return calls
+
+
+def test_a_fill_past_its_deadline_trains_on_the_samples_it_solved(setup, tmp_path, monkeypatch) -> None:
+    from fewstep_search.phase2 import worker
+
+    calls = _slow_fill(monkeypatch, 1.0)
+    # chunks of 4 batches (64 samples): the deadline falls inside the second one's solve
+    monkeypatch.setattr(worker, "fill_deadline", lambda spec, clock: clock.seconds + 1.5)
+    res = _run(setup, tmp_path)
+    assert calls == [64, 64] and res.steps == 6 and res.stopped_reason is None
+    assert [e["pool_size"] for e in read_epochs(tmp_path)] == [128, 128]
+    assert any("solved 128 of 160 pool samples" in n for n in res.notes)
+
+
+def test_a_fill_that_solves_nothing_stops_the_round_with_a_reason(setup, tmp_path, monkeypatch) -> None:
+    from fewstep_search.phase2 import worker
+
+    monkeypatch.setattr(worker, "fill_deadline", lambda spec, clock: clock.seconds - 1.0)
+    res = _run(setup, tmp_path)
+    assert res.steps == 0 and "solved no pool sample" in (res.stopped_reason or "")
+
+
+def test_the_fill_stops_at_its_share_of_a_time_budget() -> None:
+    spec = Phase2Spec(max_minutes=10.0, teacher_share=0.4)
+    timed = Clock(budget_seconds=600.0, max_steps=None)
+    assert pool_fill.fill_deadline(spec, timed) == pytest.approx(600.0 * 0.4 * pool_fill.FILL_SLACK)
+    assert pool_fill.fill_deadline(spec.model_copy(update={"teacher_share": 0.8}), timed) == pytest.approx(540.0)
+    assert pool_fill.fill_deadline(spec, Clock(budget_seconds=600.0, max_steps=10)) is None
+
+
+def test_a_truncated_pool_is_the_full_pools_prefix() -> None:
+    full = NoisePool(40, (3,), 80.0, seed=5, device="cpu", n_conditions=4)
+    cut = NoisePool(40, (3,), 80.0, seed=5, device="cpu", n_conditions=4)
+    cut._end, cut._has_end[:25] = torch.zeros_like(cut.x), True
+    cut.truncate(25)
+    assert cut.size == 25 and torch.equal(cut.x, full.x[:25]) and torch.equal(cut.cond, full.cond[:25])
+    assert cut.unsolved_end_points().numel() == 0 and cut.indices(3, 16).max() < 25
+    with pytest.raises(ValueError, match="cannot keep"):
+        cut.truncate(0)
+
+
+def test_a_round_killed_after_a_cut_fill_resumes_on_the_same_samples(setup, tmp_path, monkeypatch) -> None:
+    from fewstep_search.phase2 import worker
+
+    _slow_fill(monkeypatch, 1.0)
+    monkeypatch.setattr(worker, "fill_deadline", lambda spec, clock: clock.seconds + 1.5)
+    whole = _run(setup, tmp_path / "whole")
+    real_step = worker._step_loss
+
+    class Killed(Exception):
+        pass
+
+    def dying(cfg, pool, *args, **kw):
+        if args[5] == 4:  # the step number: after epoch 1's checkpoint
+            raise Killed
+        return real_step(cfg, pool, *args, **kw)
+
+    monkeypatch.setattr(worker, "_step_loss", dying)
+    with pytest.raises(Killed):
+        _run(setup, tmp_path / "cut")
+    monkeypatch.setattr(worker, "_step_loss", real_step)
+    resumed = _run(setup, tmp_path / "cut")
+    assert [e["pool_size"] for e in read_epochs(tmp_path / "cut")] == [128, 128]
+    a, b = load_file(str(whole.checkpoint)), load_file(str(resumed.checkpoint))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert resumed.notes == whole.notes

@@ -77,13 +77,14 @@ class TrainState:
     initial: dict[str, float] | None = None
     pool_size: int | None = None  # one worker's pool as resolved (pool_size = "auto" is timed once per round)
     train_from: float | None = None  # round seconds when training began (after the up-front teacher work)
+    pool_used: int | None = None  # the solved prefix of the pool a fill cut at its deadline trains on
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "step": self.step, "seconds": self.seconds, "wall_seconds": self.wall_seconds,
             "teacher_calls": self.teacher_calls,
             "history": self.history or [], "config_key": self.config_key, "initial": self.initial,
-            "pool_size": self.pool_size, "train_from": self.train_from,
+            "pool_size": self.pool_size, "train_from": self.train_from, "pool_used": self.pool_used,
         }
 
     @classmethod
@@ -93,7 +94,7 @@ class TrainState:
             wall_seconds=float(d.get("wall_seconds", d["seconds"])),
             teacher_calls=int(d.get("teacher_calls", 0)), history=list(d.get("history", [])),
             config_key=str(d.get("config_key", "")), initial=d.get("initial"), pool_size=d.get("pool_size"),
-            train_from=d.get("train_from"),
+            train_from=d.get("train_from"), pool_used=d.get("pool_used"),
         )
 
 

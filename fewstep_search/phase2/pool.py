@@ -185,6 +185,32 @@ class NoisePool:
         """Pool indices whose end point is not cached yet (ascending)."""
         return torch.nonzero(~self._has_end).flatten()
 
+    def truncate(self, size: int) -> None:
+        """Keep the first `size` samples and their cached work.
+
+        Why: the up-front fill solves end points in ascending order and stops at its deadline
+        (`pool_fill.fill_deadline`), so what it solved is a prefix; the round then trains on that prefix rather
+        than solve the rest lazily inside a budget that has run short. A resumed round rebuilds the full pool from
+        its seed and truncates it the same way, so it draws the same samples.
+        """
+        if not 1 <= size <= self.size:
+            raise ValueError(f"cannot keep {size} of a pool of {self.size}")
+        self.x = self.x[:size]
+        if self.cond is not None:
+            self.cond = self.cond[:size]
+        for name in self._CACHES:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[:size].clone())
+        self.size = size
+        self._perms = {}
+
+    def keep_solved_prefix(self, solved: int) -> None:
+        """`truncate(solved)` after checking that the first `solved` samples are the solved ones (the fill's order)."""
+        if not bool(self._has_end[:solved].all()) or bool(self._has_end[solved:].any()):
+            raise RuntimeError(f"the pool's solved end points are not its first {solved} samples")
+        self.truncate(solved)
+
     def reused_targets(
         self, idx: Tensor, step: int, batch: int, reuse: int,
         compute: Callable[[Tensor], tuple[Tensor, Tensor]],

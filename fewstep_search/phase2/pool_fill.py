@@ -30,13 +30,15 @@ from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool, auto_pool_si
 from fewstep_search.phase2.targets import IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
 
-__all__ = ["FILL_FILE", "FILL_PROGRESS", "SAVE_EVERY", "SavedFill", "timed_pool_size", "fill_end_points",
-           "read_fill", "read_fill_progress"]
+__all__ = ["FILL_FILE", "FILL_PROGRESS", "SAVE_EVERY", "FILL_SLACK", "SavedFill", "timed_pool_size",
+           "fill_deadline", "fill_end_points", "read_fill", "read_fill_progress"]
 
 FILL_FILE = "pool_fill.safetensors"
 FILL_PROGRESS = "pool_fill.json"
 SAVE_EVERY = 30.0
 """Wall seconds between saves of the fill (what a SIGKILL mid-fill can cost)."""
+FILL_SLACK = 1.5
+"""The fill may run this many times its planned share of the budget (`teacher_share`) before it stops."""
 
 
 def timed_pool_size(spec: Phase2Spec, *, teacher: IntervalTeacher, shape: tuple[int, ...], batch: int,
@@ -68,6 +70,20 @@ def timed_pool_size(spec: Phase2Spec, *, teacher: IntervalTeacher, shape: tuple[
     size = auto_pool_size(budget_seconds=60.0 * spec.max_minutes, seconds_per_sample=per_call * calls,
                           share=spec.teacher_share, batch=batch, sample_bytes=states * x[0].numel() * x.element_size())
     return int(agree(float(size)))
+
+
+def fill_deadline(spec: Phase2Spec, clock: Clock) -> float | None:
+    """Round seconds at which the fill stops, whatever it has solved; None for rounds budgeted in steps.
+
+    Why: the pool is sized from one timed teacher call at the start of the round; on a machine that gets busier
+    afterwards (a laptop, a shared node) the fill can run past the whole budget and leave no time to train (seen
+    in a `make demo` beside another job: 265 s of a 240 s round on the fill, no optimizer step). Stopping at
+    `FILL_SLACK` times the planned share (at most 90% of the budget) keeps at least a tenth of it for training,
+    on the samples solved by then.
+    """
+    if clock.max_steps is not None:
+        return None
+    return clock.budget * min(0.9, FILL_SLACK * spec.teacher_share)
 
 
 @dataclass(frozen=True)
@@ -117,18 +133,19 @@ def read_fill_progress(root: Path) -> dict[str, Any] | None:
 
 
 def fill_end_points(pool: NoisePool, teacher: IntervalTeacher, *, clock: Clock, chunk: int, root: Path,
-                    config_key: str, report: bool, save: bool) -> None:
-    """Solve the end points of every pool sample not solved yet, `chunk` samples per batched teacher solve.
+                    config_key: str, report: bool, save: bool, deadline: float | None = None) -> int:
+    """Solve the end points of every pool sample not solved yet, `chunk` samples per batched teacher solve, in
+    ascending order; returns how many samples are solved (a prefix of the pool).
 
-    Stops early when the round's budget runs out (a pool too large for its budget: the training loop then ends
-    at once). `report`: write `pool_fill.json` after each chunk; `save`: save the fill every `SAVE_EVERY` seconds
-    (only while it is small: `pool.SAVE_LIMIT_BYTES`).
+    Stops early when the round's budget runs out or the clock passes `deadline` (`fill_deadline`). `report`:
+    write `pool_fill.json` after each chunk; `save`: save the fill every `SAVE_EVERY` seconds (only while it is
+    small: `pool.SAVE_LIMIT_BYTES`).
     """
     todo = pool.unsolved_end_points()
     last_save = time.monotonic()
     solved = pool.size - todo.numel()
     for lo in range(0, todo.numel(), chunk):
-        if clock.done:
+        if clock.done or (deadline is not None and clock.seconds >= deadline):
             break
         idx = todo[lo : lo + chunk]
         pool.end_points(teacher, idx)
@@ -138,3 +155,4 @@ def fill_end_points(pool: NoisePool, teacher: IntervalTeacher, *, clock: Clock, 
         if save and time.monotonic() - last_save > SAVE_EVERY and pool.cache_bytes() <= SAVE_LIMIT_BYTES:
             _save_fill(root, pool, clock, config_key)
             last_save = time.monotonic()
+    return solved

@@ -61,6 +61,8 @@ class FineTuneResult:
     out_dir: Path | None = None
     train_from: float = 0.0
     """Round seconds spent before the first optimizer step (the end-to-end term's pool of end points)."""
+    notes: list[str] = field(default_factory=list)
+    """What a user should know about how the round went (a pool cut at the fill's deadline, no step taken)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,6 +75,7 @@ class FineTuneResult:
             "checkpoint": str(self.checkpoint), "history": self.history, "stopped_reason": self.stopped_reason,
             "seconds": self.seconds, "initial": self.initial, "teacher_calls": self.teacher_calls,
             "steps": self.steps, "wall_seconds": self.wall_seconds, "train_from": self.train_from,
+            "notes": self.notes,
         }
 
     @classmethod
@@ -81,7 +84,7 @@ class FineTuneResult:
             checkpoint=out_dir / ck.MODEL_FILE, history=list(d["history"]), stopped_reason=d.get("stopped_reason"),
             seconds=float(d["seconds"]), initial=d.get("initial"), teacher_calls=int(d.get("teacher_calls", 0)),
             steps=int(d.get("steps", 0)), wall_seconds=float(d.get("wall_seconds", d["seconds"])), out_dir=out_dir,
-            train_from=float(d.get("train_from") or 0.0),
+            train_from=float(d.get("train_from") or 0.0), notes=list(d.get("notes", [])),
         )
 
 
@@ -195,12 +198,25 @@ def _finish(root: Path, summary: dict[str, Any], key: str, seconds: float) -> Fi
         checkpoint=path, history=list(state.history or []), stopped_reason=summary["stopped_reason"],
         seconds=state.seconds if state.history else seconds, initial=summary.get("initial") or state.initial,
         teacher_calls=state.teacher_calls, steps=state.step, wall_seconds=state.wall_seconds or seconds, out_dir=root,
-        train_from=state.train_from or 0.0,
+        train_from=state.train_from or 0.0, notes=_round_notes(state, summary["stopped_reason"]),
     )
     atomic_write_json(root / ck.RESULT_FILE, {**result.to_dict(), "config_key": key})
     for name in (FILL_FILE, FILL_PROGRESS):  # the checkpoints hold the pool from the first epoch on
         (root / name).unlink(missing_ok=True)
     return result
+
+
+def _round_notes(state: ck.TrainState, stopped: str | None) -> list[str]:
+    """One line each for a pool cut at the fill's deadline and for a round that took no optimizer step."""
+    notes = []
+    if state.pool_used is not None and state.pool_size is not None:
+        notes.append(f"the teacher solved {state.pool_used} of {state.pool_size} pool samples (per worker) by the "
+                     f"fill's deadline, {state.train_from or 0:.0f} s into the round (the machine ran slower than "
+                     "when the pool was sized); the round trained on those")
+    if state.step == 0 and stopped is None:
+        notes.append("no optimizer step fitted in the budget: the round's weights are its starting ones (raise "
+                     "phase2.max_minutes)")
+    return notes
 
 
 # ------------------------------------------------------------------ Ray Train

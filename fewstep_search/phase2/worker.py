@@ -43,7 +43,7 @@ from fewstep_search.phase2.loss import (
 )
 from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
 from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool
-from fewstep_search.phase2.pool_fill import fill_end_points, read_fill, timed_pool_size
+from fewstep_search.phase2.pool_fill import fill_deadline, fill_end_points, read_fill, timed_pool_size
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
 
@@ -220,6 +220,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         seed=spec.seed * 1009 + ctx.rank, device=device, dtype=cfg.select.x_start.dtype,
         n_conditions=cfg.n_conditions, keep_path=spec.path_weight > 0,
     )
+    if state.pool_used is not None:  # a resumed round whose fill stopped at its deadline: the same prefix
+        pool.truncate(state.pool_used)
     if saved is not None and saved.pool is not None and ctx.world_size == 1:
         pool.load_cache_state(saved.pool)
     elif fill is not None:
@@ -231,12 +233,22 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         if spec.end_to_end_weight > 0:
             state.initial.update(teacher_error(teacher, cfg.select, device))
     if fills_first and saved is None:
-        fill_end_points(pool, teacher, clock=clock, chunk=FILL_CHUNK_BATCHES * batch, root=root,
-                        config_key=cfg.config_key, report=ctx.rank == 0, save=ctx.world_size == 1)
+        solved = fill_end_points(pool, teacher, clock=clock, chunk=FILL_CHUNK_BATCHES * batch, root=root,
+                                 config_key=cfg.config_key, report=ctx.rank == 0, save=ctx.world_size == 1,
+                                 deadline=fill_deadline(spec, clock))
         state.train_from = float(ctx.any_flag(torch.tensor([clock.seconds], device=device))[0])  # the latest
+        none_solved = bool(ctx.any_flag(torch.tensor([float(solved == 0)], device=device))[0])
+        if 0 < solved < pool.size:
+            pool.keep_solved_prefix(solved)
+            state.pool_used = solved
+    else:
+        none_solved = False
     clock.train_from = state.train_from or 0.0  # rounds checkpointed before the fill existed: the whole budget
     last_ckpt, stopped = resume, None
     try:
+        if none_solved:
+            raise _Stop(f"the teacher solved no pool sample in {state.train_from:.0f} s of the round's "
+                        f"{clock.budget:.0f} s; raise phase2.max_minutes")
         while not clock.done:
             sums: dict[str, Any] = {"loss": 0.0, "per_step": torch.zeros(len(cfg.sigmas) - 1), "grad": 0.0, "n": 0}
             mode = "student"
@@ -275,7 +287,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                 "per_step_loss": (sums["per_step"] / sums["n"]).tolist(), "grad_norm": sums["grad"] / sums["n"],
                 "lr": float(optimizer.param_groups[0]["lr"]), "mode": mode,
                 "teacher_calls": _all_calls(ctx, state.teacher_calls, device),
-                "pool_size": None if fresh else state.pool_size * world,
+                "pool_size": None if fresh else pool.size * world,
             }
             folder = None
             if ctx.rank == 0:
