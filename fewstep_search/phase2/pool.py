@@ -206,8 +206,8 @@ class NoisePool:
         self._perms = {}
 
     def keep_solved_prefix(self, solved: int) -> None:
-        """`truncate(solved)` after checking that the first `solved` samples are the solved ones (the fill's order)."""
-        if not bool(self._has_end[:solved].all()) or bool(self._has_end[solved:].any()):
+        """`truncate(solved)` after checking that the first `solved` samples are solved (the fill's order)."""
+        if not bool(self._has_end[:solved].all()):
             raise RuntimeError(f"the pool's solved end points are not its first {solved} samples")
         self.truncate(solved)
 

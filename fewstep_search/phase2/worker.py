@@ -237,10 +237,11 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                                  config_key=cfg.config_key, report=ctx.rank == 0, save=ctx.world_size == 1,
                                  deadline=fill_deadline(spec, clock))
         state.train_from = float(ctx.any_flag(torch.tensor([clock.seconds], device=device))[0])  # the latest
-        none_solved = bool(ctx.any_flag(torch.tensor([float(solved == 0)], device=device))[0])
-        if 0 < solved < pool.size:
-            pool.keep_solved_prefix(solved)
-            state.pool_used = solved
+        keep = int(-ctx.any_flag(torch.tensor([-float(solved)], device=device))[0])  # the fewest any worker solved
+        none_solved = keep == 0
+        if 0 < keep < pool.size:
+            pool.keep_solved_prefix(keep)
+            state.pool_used = keep
     else:
         none_solved = False
     clock.train_from = state.train_from or 0.0  # rounds checkpointed before the fill existed: the whole budget
