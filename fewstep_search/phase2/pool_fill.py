@@ -76,8 +76,8 @@ def fill_deadline(spec: Phase2Spec, clock: Clock) -> float | None:
     """Round seconds at which the fill stops, whatever it has solved; None for rounds budgeted in steps.
 
     Why: the pool is sized from one timed teacher call at the start of the round; on a machine that gets busier
-    afterwards (a laptop, a shared node) the fill can run past the whole budget and leave no time to train (seen
-    in a `make demo` beside another job: 265 s of a 240 s round on the fill, no optimizer step). Stopping at
+    afterwards (a laptop, a shared node) the fill can run past the whole budget and leave no time to train (a
+    `make demo` beside another job reached its first step 265 s into a 240 s round: none taken). Stopping at
     `FILL_SLACK` times the planned share (at most 90% of the budget) keeps at least a tenth of it for training,
     on the samples solved by then.
     """
