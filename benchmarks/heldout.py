@@ -60,13 +60,13 @@ def _row(name: str, e: np.ndarray, base: np.ndarray | None) -> str:
             f"{cut} |")
 
 
-def pool_errors(den: object, ckpt: Path, sched: Schedule, solver: str) -> tuple[np.ndarray, np.ndarray]:
+def pool_errors(teacher: object, den: object, ckpt: Path, sched: Schedule,
+                solver: str) -> tuple[np.ndarray, np.ndarray]:
     """(untouched, student) E on the pool of a checkpoint (rank 0, seed 0) against its cached end points."""
     cache = load_file(str(ckpt / "pool.safetensors"))
     end, has = cache["end"], cache["has_end"].bool()
     pool = NoisePool(end.shape[0], tuple(end.shape[1:]), sched.sigma_max, seed=0, device="cpu", dtype=end.dtype)
     x, x0 = pool.x[has], end[has]
-    teacher = ModelSource(kind="digits").load()
     return errors(teacher, sched, solver, x, x0), errors(den, sched, solver, x, x0)
 
 
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines), file=sys.stderr)
     for item in a.pool:
         name, _, ckpt = str(item).partition("=")
-        u, s = pool_errors(students[name], Path(ckpt), sched, solver)
+        if name not in students:
+            raise SystemExit(f"--pool {name}=...: no model named {name!r} among {', '.join(students)}")
+        u, s = pool_errors(teacher, students[name], Path(ckpt), sched, solver)
         lines += [_row(f"untouched, {name}'s pool ({len(u)})", u, None), _row(f"{name} on its own pool", s, u)]
     print(f"`{sched.name}` ({solver}), {a.trajectories} fresh trajectories (`benchmarks/heldout.py "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}`):\n")
