@@ -14,6 +14,8 @@ points cached there: the training set's error beside the held-out one.
         --candidate 'lbfgsb:direct:logits<-best[ipndm]' --trajectories 1024 \
         base=/tmp/p2/base/model.safetensors t100=/tmp/p2/t100/model.safetensors
 
+`--cache FILE` keeps the fresh references (seeded, so the same on every run) for the next call.
+
 Prints a markdown table; writes nothing.
 """
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fresh_check import cut_interval, errors, fresh_references
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase2.pool import NoisePool
@@ -46,6 +48,22 @@ def _schedule(run: Path, candidate: str | None) -> tuple[Schedule, str]:
             raise SystemExit(f"no candidate {candidate!r} in {run}; known: {', '.join(sorted(by_name))}")
         d = by_name[candidate]
     return Schedule.from_dict(d), d["solver"]
+
+
+def _references(teacher: object, count: int, sched: Schedule, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fresh (noise, reference end point) pairs, read from `cache` when it holds `count` of them for these
+    sigma bounds. Why: the accurate solves are most of a run of this script, and they are seeded, so scoring
+    more students against the same trajectories need not solve them again."""
+    key = torch.tensor([float(count), sched.sigma_min, sched.sigma_max], dtype=torch.float64)
+    if cache is not None and cache.is_file():
+        held = load_file(str(cache))
+        if torch.equal(held["key"], key):
+            return held["x"], held["x0"]
+    x, x0 = fresh_references(teacher, count, sched.sigma_min, sched.sigma_max)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"key": key, "x": x.contiguous(), "x0": x0.contiguous()}, str(cache))
+    return x, x0
 
 
 def _row(name: str, e: np.ndarray, base: np.ndarray | None) -> str:
@@ -76,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="the run folder whose Phase-1 schedule is scored")
     ap.add_argument("--candidate", default=None, help="a Phase-1 candidate's name (default: the trained one)")
     ap.add_argument("--trajectories", type=int, default=1024)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="a .safetensors file for the fresh references: read when it holds as many, else written")
     ap.add_argument("--pool", type=Path, action="append", default=[],
                     help="NAME=CHECKPOINT_DIR: also score that model on its round's own pool")
     a = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     sched, solver = _schedule(a.run, a.candidate)
     teacher = ModelSource(kind="digits").load()
-    x, x0 = fresh_references(teacher, a.trajectories, sched.sigma_min, sched.sigma_max)
+    x, x0 = _references(teacher, a.trajectories, sched, a.cache)
     head = ("| model | mean E | median | p90 | p99 | E > 1 | worse by > 0.5 | cut of the mean vs untouched [95%] |\n"
             "|---|---|---|---|---|---|---|---|")
     base = errors(teacher, sched, solver, x, x0)
