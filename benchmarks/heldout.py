@@ -16,7 +16,7 @@ points cached there: the training set's error beside the held-out one.
 
 `--cache FILE` keeps the fresh references (seeded, so the same on every run) for the next call.
 
-Prints a markdown table; writes nothing.
+Prints a markdown table; writes nothing but the `--cache` file.
 """
 
 from __future__ import annotations
