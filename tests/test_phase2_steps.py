@@ -118,3 +118,33 @@ def test_the_path_term_trains_beside_the_end_to_end_term_from_one_teacher_solve_
     assert res.teacher_calls == 32 * (spec.end_to_end_teacher_steps + 3)  # 3 interior nodes at N = 4
     with pytest.raises(ValueError, match="needs end_to_end_weight"):
         Phase2Spec(path_weight=1.0, end_to_end_weight=0.0, per_step_weight=1.0)
+
+
+def test_cpu_autocast_trains_the_students_calls_in_bfloat16_as_a_round_of_its_own(tmp_path) -> None:
+    """`cpu_autocast = true` puts the student's training calls under bf16 autocast on CPU (more steps per minute
+    where the CPU has native bf16, docs/phase2.md); the chain's states stay float32, the round still lowers E, and
+    a folder of a float32 round is not resumed as this one."""
+    from torch import nn
+
+    from fewstep_search.phase2.loss import bind_student
+
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return nn.functional.linear(x, torch.eye(x.shape[1]))
+
+    x = torch.randn(4, 8)
+    out = bind_student(Probe(), None, autocast=True)(x, torch.ones(4))
+    assert seen == [True] and out.dtype == torch.float32
+    assert out.to(torch.bfloat16).float().equal(out) and not out.equal(x)  # the call ran in bf16
+    bind_student(Probe(), None, autocast=False)(x, torch.ones(4))
+    assert seen == [True, False]
+    spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
+                      pool_size=32, cpu_autocast=True)
+    res = _tiny_ipndm_round(spec, tmp_path / "bf16")
+    assert res.stopped_reason is None
+    assert res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
+    with pytest.raises(ValueError, match="another"):
+        _tiny_ipndm_round(spec.model_copy(update={"cpu_autocast": False}), tmp_path / "bf16")

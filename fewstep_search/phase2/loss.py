@@ -226,7 +226,7 @@ def bind_student(model: nn.Module, cond: Tensor | None, autocast: bool) -> Calla
     """The student as `(x, sigma) -> D` with the batch's conditions bound (tiled for the N-step batched call)."""
 
     def call(x: Tensor, sigma: Tensor) -> Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
         with ctx:
             if cond is None:
                 out = model(x, sigma)

@@ -111,6 +111,8 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
         del budget_free["end_to_end_loss"]  # the loss before the option existed: the same key
     if spec.path_weight == 0:
         del budget_free["path_weight"]  # rounds without the path term keep their keys
+    if not spec.cpu_autocast:
+        del budget_free["cpu_autocast"]  # the default: earlier rounds keep their keys
     parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
     if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
         parts.append(solver)

@@ -198,7 +198,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         ema.n_averaged.fill_(int(saved.optimizer["ema_updates"]))
         optimizer.load_state_dict(saved.optimizer["optimizer"])
         scheduler.load_state_dict(saved.optimizer["scheduler"])
-    autocast = spec.autocast and device.type == "cuda"
+    autocast = spec.autocast and (device.type == "cuda" or (device.type == "cpu" and spec.cpu_autocast))
     chain = (StudentChain(module, cfg.sigmas, cfg.solver, autocast, states=spec.path_weight > 0)
              if spec.end_to_end_weight > 0 else None)
     # the one module a step's backward runs through: the chain when it is the whole loss (per_step_weight = 0
