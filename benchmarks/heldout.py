@@ -32,6 +32,7 @@ import torch
 from fresh_check import cut_interval, errors, fresh_references
 from safetensors.torch import load_file, save_file
 
+from fewstep_search.atomic import atomic_path
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase2.pool import NoisePool
 from fewstep_search.schedules import Schedule
@@ -60,9 +61,9 @@ def _references(teacher: object, count: int, sched: Schedule, cache: Path | None
         if torch.equal(held["key"], key):
             return held["x"], held["x0"]
     x, x0 = fresh_references(teacher, count, sched.sigma_min, sched.sigma_max)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"key": key, "x": x.contiguous(), "x0": x0.contiguous()}, str(cache))
+    if cache is not None:  # atomically: a kill mid-write must not leave a cache the next run cannot read
+        with atomic_path(cache) as tmp:
+            save_file({"key": key, "x": x.contiguous(), "x0": x0.contiguous()}, str(tmp))
     return x, x0
 
 
