@@ -93,9 +93,12 @@ def check(run: Path, n_traj: int, seeds: list[int]) -> dict[str, Any]:
     teacher = ModelSource(kind="digits").load()
     student = ModelSource(kind="digits").with_checkpoint(run / "round_1" / "model.safetensors").load()
     s_pick, s_win = Schedule.from_dict(pick), Schedule.from_dict(winner)
+    # a round that trained its sigmas (phase2.schedule_lr) keeps Phase-1's pick beside them: the untouched model
+    # is scored on what Phase-1 gave it, the student on what it was trained with
+    s_pick_p1 = Schedule.from_dict({**pick, "sigmas": pick.get("phase1_sigmas", pick["sigmas"])})
     x, x0 = fresh_references(teacher, n_traj, s_pick.sigma_min, s_pick.sigma_max)
     e_win = errors(teacher, s_win, winner["solver"], x, x0)
-    e_pick = errors(teacher, s_pick, pick["solver"], x, x0)
+    e_pick = errors(teacher, s_pick_p1, pick["solver"], x, x0)
     e_round = errors(student, s_pick, pick["solver"], x, x0)
     f_win = fds(teacher, s_win, winner["solver"], seeds)
     f_round = fds(student, s_pick, pick["solver"], seeds)

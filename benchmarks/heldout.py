@@ -3,7 +3,8 @@
 Why: a round reports E on the bank's 64 test trajectories, too few to see the tail of the error distribution,
 and never says how far its held-out error is from what it reaches on the noise it trained on. This script
 scores the untouched model and each given student (a `model.safetensors` from a round or from
-`benchmarks/phase2.py`) with one schedule on `--trajectories` fresh reference trajectories (solved like the
+`benchmarks/phase2.py`) with one schedule (a student whose round trained the sigmas too, `phase2.schedule_lr`,
+with those) on `--trajectories` fresh reference trajectories (solved like the
 bank, `fresh_check.fresh_references`), and prints mean, median, 90th / 99th percentile, the count above 1, the
 count the student makes worse than the untouched model by more than 0.5, and the cut of the mean against the
 untouched model with a 95% paired bootstrap interval. With `--pool CHECKPOINT_DIR` (an epoch checkpoint of a
@@ -49,6 +50,21 @@ def _schedule(run: Path, candidate: str | None) -> tuple[Schedule, str]:
             raise SystemExit(f"no candidate {candidate!r} in {run}; known: {', '.join(sorted(by_name))}")
         d = by_name[candidate]
     return Schedule.from_dict(d), d["solver"]
+
+
+def trained_sigmas(model: Path) -> list[float] | None:
+    """The sigmas a student was trained with when its round trained them (`phase2.schedule_lr`), else None.
+
+    Read beside the weights: a round's `metrics.json` (the loop) or a Phase-2 folder's `result.json`. Why: such
+    a student is a pair with its own sigmas; scoring it on the Phase-1 schedule would score half of it."""
+    metrics, result = model.parent / "metrics.json", model.parent / "result.json"
+    if metrics.is_file():
+        sched = json.loads(metrics.read_text()).get("schedule", {})
+        return sched["sigmas"] if sched.get("trained_sigmas") else None
+    if result.is_file():
+        history = json.loads(result.read_text()).get("history") or [{}]
+        return history[-1].get("sigmas")
+    return None
 
 
 def _references(teacher: object, count: int, sched: Schedule, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     for item in a.models:
         name, _, path = item.partition("=")
         students[name] = ModelSource(kind="digits").with_checkpoint(path).load()
-        lines.append(_row(name, errors(students[name], sched, solver, x, x0), base))
+        own = trained_sigmas(Path(path))
+        if own is not None:
+            name += " (its trained sigmas)"
+        lines.append(_row(name, errors(students[name], sched if own is None else Schedule(own), solver, x, x0),
+                          base))
         print("\n".join(lines), file=sys.stderr)
     for item in a.pool:
         name, _, ckpt = str(item).partition("=")

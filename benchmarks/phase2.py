@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             tuned = copy.deepcopy(den)
             load_checkpoint_into(tuned, res.checkpoint)
-            e1, fd1 = _test_e(tuned, bank, sig, a.solver), _fd(tuned, sig, a.samples, a.seed + 1, a.solver)
+            # a round that trained the sigmas too (phase2.schedule_lr) is scored with them: the pair it returns
+            own = sig if res.sigmas is None else torch.tensor(res.sigmas, dtype=sig.dtype)
+            e1, fd1 = _test_e(tuned, bank, own, a.solver), _fd(tuned, own, a.samples, a.seed + 1, a.solver)
             minutes = res.seconds / 60.0
             cut = 1.0 - e1 / e0
             rows.append({
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 "select_e_after": (res.final or {}).get("select_error", float("nan")),
                 "cut": cut, "cut_per_min": cut / minutes if minutes > 0 else float("nan"), "fd_before": fd0,
                 "fd_after": fd1, "fd_edm10_untouched": fd_edm10, "stopped": res.stopped_reason,
-                "spec": spec.model_dump(), "history": res.history,
+                "spec": spec.model_dump(), "history": res.history, "trained_sigmas": res.sigmas,
             })
             print(f"N={nfe} {name}: E {e0:.4f} -> {e1:.4f} ({100 * cut:.1f}%), FD {fd0:.2f} -> {fd1:.2f}",
                   file=sys.stderr)

@@ -379,6 +379,9 @@ def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule:
         run.note(f"round {r}: {line}")
     target = rundir.store_model(r, Path(result.checkpoint))
     den = run.teacher_source.with_checkpoint(target).load(cache=False)
+    if result.sigmas is not None:  # phase2.schedule_lr: the round trained the sigmas too; the pair is both
+        row = {**row, "sigmas": list(result.sigmas), "phase1_sigmas": list(row["sigmas"]), "trained_sigmas": True}
+        schedule = Schedule(result.sigmas, name=str(row.get("name", "schedule")))
     evaluation = run.evaluate(den, schedule, bank, solver=str(row.get("solver", "ddim")))
     metrics = {"round": r, "schedule": dict(row), **evaluation,
                "phase1": {"select_error": row["select_error"], "test_error": row["test_error"]},

@@ -80,3 +80,27 @@ def test_targets_far_from_the_reference_get_a_warning() -> None:
     loop._note_targets(run, 3, {"select_error": 0.2})  # type: ignore[arg-type]  # the per-step loss: no check
     assert len(run.lines) == 2 and "raise" not in run.lines[0]
     assert "raise phase2.end_to_end_teacher_steps" in run.lines[1]
+
+
+def test_a_round_that_trains_its_schedule_keeps_the_trained_sigmas_as_the_pairs(tmp_path: Path) -> None:
+    """With `phase2.schedule_lr` the round's pair is the student with the sigmas it was trained with: the round
+    is scored on them, they are the round's schedule (Phase-1's kept beside them) and, when it wins, the best."""
+    factory = write_factory(tmp_path)
+    config = StudyConfig.model_validate({
+        "nfe": NFE, "rounds": 1,
+        "model": {"kind": "factory", "factory": factory, "options": {"seed": 2}},
+        "bank": {"n_trajectories": 32, "grid_size": 16, "substeps": 1, "probes": 1},
+        "search": {"heuristics": ["edm", "vp_time_quadratic"], "solvers": ["ddim"], "trials": []},
+        "phase2": {"max_steps": 12, "batch_size": 16, "steps_per_epoch": 6, "pool_size": 32, "lr": 1e-3,
+                   "lr_final": 1e-4, "schedule_lr": 5e-2},
+    })
+    rundir = RunDir(tmp_path / "run")
+    results = run_loop(config, rundir, options=LoopOptions(engine="local"))
+    row = results["rounds"][0]
+    trained = row["phase2"]["history"][-1]["sigmas"]
+    assert row["schedule"]["trained_sigmas"] and row["schedule"]["sigmas"] == trained
+    phase1 = json.loads((rundir.round_dir(1) / "schedule.json").read_text())
+    assert row["schedule"]["phase1_sigmas"] == phase1["sigmas"] != trained
+    assert row["select_error"] == pytest.approx(row["phase2"]["history"][-1]["select_error"], rel=1e-4)
+    best = json.loads((rundir.path / "best" / "schedule.json").read_text())
+    assert best["sigmas"] == (trained if results["best"]["round"] == 1 else phase1["sigmas"])

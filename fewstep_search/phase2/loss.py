@@ -20,7 +20,7 @@ from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] -> sigmas[j + 1].
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -83,7 +83,9 @@ class LossParts:
     end_to_end: Tensor | None = None
 
 
-def _sigma_batch(x: Tensor, sigma: float) -> Tensor:
+def _sigma_batch(x: Tensor, sigma: float | Tensor) -> Tensor:
+    if isinstance(sigma, Tensor):  # a learned schedule's sigma: keep its graph
+        return sigma.to(x.dtype).expand(x.shape[0])
     return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
 
 
@@ -169,15 +171,16 @@ def student_state_targets(
     return torch.stack(states), torch.stack(targets)
 
 
-def solver_chain(student: StudentFn, x_start: Tensor, sigmas: tuple[float, ...], solver: str = "ddim", *,
-                 states: bool = False) -> Tensor:
+def solver_chain(student: StudentFn, x_start: Tensor, sigmas: Sequence[float] | Sequence[Tensor],
+                 solver: str = "ddim", *, states: bool = False) -> Tensor:
     """x0_hat of the student's `solver` solve (DDIM / Euler / iPNDM), differentiable through every step; with
-    `states`, every node's state [N + 1, B, *shape] (x_start first, x0_hat last) for the path term.
+    `states`, every node's state [N + 1, B, *shape] (x_start first, x0_hat last) for the path term. `sigmas` as
+    0-dim tensors (a `LearnedSchedule`'s) make it differentiable in them too.
 
     Why a chain of `SamplerChain` steps rather than `solvers.get_solver`: it is the same step the per-step
     targets use (tests/test_phase2_steps.py checks it against `solvers.ipndm`), so both terms train one sampler.
     """
-    chain = SamplerChain(solver, sigmas)
+    chain = SamplerChain(solver, tuple(sigmas))  # type: ignore[arg-type]  # tensors work as floats do
     x = x_start
     visited = [x]
     for j in range(len(sigmas) - 1):
@@ -243,16 +246,18 @@ class StudentChain(nn.Module):
     Why a module: the end-to-end term calls the student N times before one backward, and DDP (several workers)
     allows one forward of the wrapped module per backward; wrapping this module instead of the student makes the
     chain that one forward. Its parameters are the student's own (no copy), so optimizer, EMA and checkpoints
-    still see the student.
+    still see the student; with a `schedule` (a `LearnedSchedule`, `phase2.schedule_lr > 0`) its sigmas are the
+    chain's, and DDP reduces their gradients with the student's.
     """
 
     def __init__(self, student: nn.Module, sigmas: tuple[float, ...], solver: str, autocast: bool, *,
-                 states: bool = False) -> None:
+                 states: bool = False, schedule: nn.Module | None = None) -> None:
         super().__init__()
-        self.student = student
+        self.student, self.schedule = student, schedule
         self.sigmas, self.solver, self.autocast, self.states = sigmas, solver, autocast, states
 
     def forward(self, x_start: Tensor, cond: Tensor | None = None) -> Tensor:
         """x0_hat, or with `states` every node's state [N + 1, B, *shape] (the path term needs them)."""
-        return solver_chain(bind_student(self.student, cond, self.autocast), x_start, self.sigmas, self.solver,
+        sigmas = self.sigmas if self.schedule is None else self.schedule().unbind(0)
+        return solver_chain(bind_student(self.student, cond, self.autocast), x_start, sigmas, self.solver,
                             states=self.states)

@@ -82,11 +82,17 @@ def lr_factor(step: int, progress: float, *, warmup_steps: int, lr: float, lr_fi
     return warm * (lr_final / lr) ** min(1.0, max(0.0, progress))
 
 
-def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float, schedule: nn.Module | None = None,
+                   schedule_lr: float = 0.0) -> torch.optim.AdamW:
+    """AdamW on the student's trainable weights; with a learned `schedule`, its parameters as a second group at
+    `schedule_lr` without weight decay (the scheduler's warm-up and decay scale both groups alike)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups: list[dict[str, object]] = [{"params": params}]
+    if schedule is not None:
+        groups.append({"params": list(schedule.parameters()), "lr": schedule_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def make_scheduler(

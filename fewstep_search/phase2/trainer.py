@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.loss import rms_gain, step_weights
 from fewstep_search.phase2.pool import untimed_pool_size
 from fewstep_search.phase2.pool_fill import FILL_FILE, FILL_PROGRESS, read_fill_progress
+from fewstep_search.phase2.result import FineTuneResult
 from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, check_phase2_solver
 from fewstep_search.phase2.worker import LocalContext, WorkerConfig, run_worker
 from fewstep_search.schedules import Schedule
@@ -44,48 +44,6 @@ from fewstep_search.study.phase2 import Phase2Spec
 __all__ = ["FineTuneResult", "fine_tune", "eval_bank", "scaling_kwargs"]
 
 Engine = Literal["ray", "local"]
-
-
-@dataclass(frozen=True)
-class FineTuneResult:
-    """A finished (or stopped) round: the EMA weights' file, the per-epoch history, why it stopped early."""
-
-    checkpoint: Path
-    history: list[dict[str, Any]]
-    stopped_reason: str | None
-    seconds: float
-    initial: dict[str, float] | None = None
-    teacher_calls: int = 0
-    steps: int = 0
-    wall_seconds: float = 0.0
-    out_dir: Path | None = None
-    train_from: float = 0.0
-    """Round seconds spent before the first optimizer step (the end-to-end term's pool of end points)."""
-    notes: list[str] = field(default_factory=list)
-    """What a user should know about how the round went (a pool cut at the fill's deadline, no step taken)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def final(self) -> dict[str, Any] | None:
-        """The last epoch's metrics (select_error, test_error, ...), or None if no epoch finished."""
-        return self.history[-1] if self.history else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "checkpoint": str(self.checkpoint), "history": self.history, "stopped_reason": self.stopped_reason,
-            "seconds": self.seconds, "initial": self.initial, "teacher_calls": self.teacher_calls,
-            "steps": self.steps, "wall_seconds": self.wall_seconds, "train_from": self.train_from,
-            "notes": self.notes,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], out_dir: Path) -> FineTuneResult:
-        return cls(
-            checkpoint=out_dir / ck.MODEL_FILE, history=list(d["history"]), stopped_reason=d.get("stopped_reason"),
-            seconds=float(d["seconds"]), initial=d.get("initial"), teacher_calls=int(d.get("teacher_calls", 0)),
-            steps=int(d.get("steps", 0)), wall_seconds=float(d.get("wall_seconds", d["seconds"])), out_dir=out_dir,
-            train_from=float(d.get("train_from") or 0.0), notes=list(d.get("notes", [])),
-        )
 
 
 def eval_bank(part: Bank) -> Bank:
@@ -111,8 +69,9 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
         del budget_free["end_to_end_loss"]  # the loss before the option existed: the same key
     if spec.path_weight == 0:
         del budget_free["path_weight"]  # rounds without the path term keep their keys
-    if not spec.cpu_autocast:
-        del budget_free["cpu_autocast"]  # the default: earlier rounds keep their keys
+    for default_off in ("cpu_autocast", "schedule_lr"):
+        if not budget_free[default_off]:
+            del budget_free[default_off]  # off: rounds from before the option keep their keys
     parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
     if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
         parts.append(solver)

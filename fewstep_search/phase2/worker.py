@@ -15,7 +15,6 @@ never imports Ray. Writing the round's result (`model.safetensors`, `result.json
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -28,9 +27,10 @@ from torch import Tensor, nn
 
 from fewstep_search.bank import Bank
 from fewstep_search.denoiser import ModelOutputError, bind_condition, is_conditional
-from fewstep_search.models.source import ModelSource, trainable_module
+from fewstep_search.models.source import ModelSource
 from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.evaluate import student_errors, teacher_error
+from fewstep_search.phase2.learned_schedule import LearnedSchedule
 from fewstep_search.phase2.loss import (
     LossParts,
     StudentChain,
@@ -41,6 +41,7 @@ from fewstep_search.phase2.loss import (
     student_state_targets,
     teacher_forced_loss,
 )
+from fewstep_search.phase2.models import load_student, load_teacher
 from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
 from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool
 from fewstep_search.phase2.pool_fill import fill_deadline, fill_end_points, read_fill, timed_pool_size
@@ -115,44 +116,13 @@ class LocalContext:
             self._on_report(metrics)
 
 
-def _move(den: Any, device: torch.device) -> Any:
-    """`den` with its module on `device` (a private copy if it had to move: never mutate a caller's model)."""
-    module = trainable_module(den)
-    if module is None:
-        return den
-    p = next(module.parameters())
-    if p.device != device:
-        den = copy.deepcopy(den)
-        trainable_module(den).to(device)  # type: ignore[union-attr]
-    return den
-
-
-def load_teacher(source: ModelSource, device: torch.device) -> Any:
-    """The frozen teacher: eval mode, called only under no_grad (its flags are left as loaded: it may be shared)."""
-    den = _move(source.on(str(device)).load(), device)
-    module = trainable_module(den)
-    if module is not None:
-        module.eval()
-    return den
-
-
-def load_student(source: ModelSource, device: torch.device, *, dropout: bool) -> tuple[Any, nn.Module]:
-    """A private trainable copy of the student: (denoiser, the module whose state dict is the result)."""
-    den = copy.deepcopy(source.on(str(device)).load())
-    module = trainable_module(den)
-    if module is None:
-        raise ValueError(f"model {source.model_id} has no trainable torch.nn.Module: Phase-2 cannot fine-tune it")
-    module.to(device)
-    for p in module.parameters():
-        if p.is_floating_point():
-            p.requires_grad_(True)  # a loaded model may arrive frozen (inference-only weights)
-    module.train(dropout)
-    return den, module
-
-
-def _evaluate(den: Any, cfg: WorkerConfig, device: torch.device) -> dict[str, float]:
-    return student_errors(den, cfg.select, cfg.test, cfg.sigmas, device=device, solver=cfg.solver,
-                          batch_size=cfg.spec.eval_batch_size)
+def _evaluate(den: Any, cfg: WorkerConfig, device: torch.device,
+              schedule: LearnedSchedule | None = None) -> dict[str, Any]:
+    """Select and test E of `den` on the round's schedule (a learned one as it is now, its sigmas logged too)."""
+    sigmas = cfg.sigmas if schedule is None else schedule.values()
+    out: dict[str, Any] = student_errors(den, cfg.select, cfg.test, sigmas, device=device, solver=cfg.solver,
+                                         batch_size=cfg.spec.eval_batch_size)
+    return out if schedule is None else {**out, "sigmas": list(sigmas)}
 
 
 class _Stop(Exception):
@@ -174,7 +144,9 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                               end_steps=spec.end_to_end_teacher_steps)
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
-    optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay)
+    learned = LearnedSchedule(cfg.sigmas).to(device) if spec.schedule_lr > 0 else None
+    optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay, schedule=learned,
+                               schedule_lr=spec.schedule_lr)
     state = ck.TrainState(history=[], config_key=cfg.config_key)
     resume = _pick_resume(ctx.restored(), cfg.resume_from)
     saved = ck.read_checkpoint(resume) if resume is not None else None
@@ -197,9 +169,11 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         ema.module.load_state_dict(saved.ema)
         ema.n_averaged.fill_(int(saved.optimizer["ema_updates"]))
         optimizer.load_state_dict(saved.optimizer["optimizer"])
+        if learned is not None:
+            learned.logits.data.copy_(saved.optimizer["schedule_logits"])
         scheduler.load_state_dict(saved.optimizer["scheduler"])
     autocast = spec.autocast and (device.type == "cuda" or (device.type == "cpu" and spec.cpu_autocast))
-    chain = (StudentChain(module, cfg.sigmas, cfg.solver, autocast, states=spec.path_weight > 0)
+    chain = (StudentChain(module, cfg.sigmas, cfg.solver, autocast, states=spec.path_weight > 0, schedule=learned)
              if spec.end_to_end_weight > 0 else None)
     # the one module a step's backward runs through: the chain when it is the whole loss (per_step_weight = 0
     # implies end_to_end_weight > 0, Phase2Spec checks it), else the student
@@ -292,14 +266,15 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
             }
             folder = None
             if ctx.rank == 0:
-                metrics.update(_evaluate(ema.module, cfg, device))
+                metrics.update(_evaluate(ema.module, cfg, device, learned))
                 metrics["seconds"] = clock.seconds
                 metrics["wall_seconds"] = clock.wall_seconds
                 state.history = [*(state.history or []), metrics]
                 folder = ck.write_checkpoint(
                     root, ema_state=ck.state_dict_cpu(ema.module), student_state=ck.state_dict_cpu(module),
                     optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "ema_updates": int(ema.n_averaged)},
+                                     "ema_updates": int(ema.n_averaged),
+                                     **({} if learned is None else {"schedule_logits": learned.logits.detach().cpu()})},
                     state=state, pool_state=_pool_state(pool, ctx.world_size),
                 )
                 ck.prune_checkpoints(root, spec.keep_checkpoints)

@@ -74,6 +74,11 @@ class Phase2Spec(Strict):
         default=0.0, ge=0, description="weight of the path term beside the end-to-end term: the student's chain "
         "states against the teacher's at the schedule's interior nodes, each times the flow's gain from there"
     )
+    schedule_lr: float = Field(
+        default=0.0, ge=0, description="AdamW learning rate of the schedule's interior sigmas, trained with the "
+        "weights through the end-to-end term (their shares of the log-sigma span; the ends stay); 0: the "
+        "Phase-1 schedule stays fixed"
+    )
     per_step_weight: float = Field(
         default=0.0, ge=0, description="weight of the per-step loss (1 with end_to_end_weight = 0: the per-step "
         "loss alone, the default before the end-to-end term measured better; docs/phase2.md)"
@@ -114,6 +119,10 @@ class Phase2Spec(Strict):
         if self.path_weight > 0 and self.end_to_end_weight == 0:
             raise ValueError("path_weight adds the path term to the end-to-end term's chain; it needs "
                              "end_to_end_weight > 0")
+        if self.schedule_lr > 0 and (self.per_step_weight > 0 or self.path_weight > 0):
+            raise ValueError("schedule_lr trains the schedule through the end-to-end term alone: the per-step "
+                             "loss's and the path term's targets sit at the schedule's nodes; set per_step_weight "
+                             "and path_weight to 0")
         if self.workers > 1 and self.end_to_end_weight > 0 and self.per_step_weight > 0:
             raise ValueError("end_to_end_weight beside the per-step loss needs workers = 1 (DDP allows one forward "
                              "per backward; per_step_weight = 0, the end-to-end term alone, runs on several)")

@@ -1,0 +1,81 @@
+"""`phase2.schedule_lr`: the schedule's interior sigmas trained with the weights through the end-to-end term."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_phase2_steps import _tiny_ipndm_round
+
+from fewstep_search.phase2.learned_schedule import LearnedSchedule
+from fewstep_search.phase2.loss import solver_chain
+from fewstep_search.study.phase2 import Phase2Spec
+
+SIGMAS = (80.0, 9.0, 2.5, 0.7, 0.2, 0.05, 0.002)
+
+
+def test_a_learned_schedule_starts_at_phase1s_sigmas_keeps_its_ends_and_order_and_has_gradients() -> None:
+    learned = LearnedSchedule(SIGMAS)
+    assert learned.values() == pytest.approx(SIGMAS, rel=1e-5)
+    assert learned.values()[0] == 80.0 and learned.values()[-1] == 0.002  # exactly: E is measured at sigma_min
+    with torch.no_grad():
+        learned.logits.copy_(torch.tensor([9.0, -9.0, 0.0, 4.0, -20.0, 1.0]))  # any logits: still a schedule
+    vals = learned.values()
+    assert vals[0] == 80.0 and vals[-1] == 0.002
+    assert all(b < a for a, b in zip(vals, vals[1:], strict=False))
+    learned().sum().backward()
+    assert learned.logits.grad is not None and learned.logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        LearnedSchedule((80.0, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ipndm"])
+def test_the_chain_on_tensor_sigmas_is_the_chain_on_floats_and_differentiable_in_them(solver: str) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 8) * 0.1
+
+    def student(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x @ w / (1 + sigma[:, None])  # depends on sigma, so its gradient flows through the model's input
+
+    x = torch.randn(5, 8) * 80.0
+    learned = LearnedSchedule(SIGMAS)
+    sig = learned()
+    out = solver_chain(student, x, sig.unbind(0), solver)
+    assert torch.allclose(out, solver_chain(student, x, tuple(float(s) for s in sig.detach()), solver), atol=1e-4)
+    out.square().sum().backward()
+    assert learned.logits.grad is not None and learned.logits.grad.abs().sum() > 0
+
+
+def test_a_round_with_schedule_lr_moves_the_sigmas_scores_on_them_and_resumes_them(tmp_path) -> None:
+    """The round logs the sigmas it evaluated with at every epoch, its result carries the last ones (the loop
+    writes them as the round's schedule), a resumed round starts from the checkpoint's sigmas, and a folder of a
+    round with the schedule fixed is not resumed as this one."""
+    spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
+                      pool_size=32, schedule_lr=5e-2)
+    res = _tiny_ipndm_round(spec, tmp_path / "co")
+    assert res.stopped_reason is None
+    start = res.history[0]["sigmas"]
+    assert res.sigmas is not None and len(res.sigmas) == 5
+    assert res.sigmas[0] == start[0] and res.sigmas[-1] == start[-1]
+    assert max(abs(a / b - 1) for a, b in zip(res.sigmas[1:-1], start[1:-1], strict=False)) > 1e-3  # it moved
+    assert res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
+    for name in ("result.json", "model.safetensors"):  # as if killed after the last epoch's checkpoint
+        (tmp_path / "co" / name).unlink()
+    again = _tiny_ipndm_round(spec.model_copy(update={"max_steps": 30}), tmp_path / "co")  # resumes from step 24
+    assert again.steps == 30 and again.history[3]["sigmas"] == res.history[3]["sigmas"]
+    def off(a: list[float], b: list[float]) -> float:
+        return max(abs(u / v - 1) for u, v in zip(a[1:-1], b[1:-1], strict=False))
+
+    # the resumed sigmas went on from the checkpoint's, not from Phase-1's again
+    assert off(again.history[4]["sigmas"], res.history[3]["sigmas"]) < 0.5 * off(res.history[3]["sigmas"], start)
+    with pytest.raises(ValueError, match="another"):
+        _tiny_ipndm_round(spec.model_copy(update={"schedule_lr": 0.0}), tmp_path / "co")
+    fixed = _tiny_ipndm_round(spec.model_copy(update={"schedule_lr": 0.0}), tmp_path / "fixed")
+    assert fixed.sigmas is None and "sigmas" not in fixed.history[-1]
+
+
+def test_schedule_lr_needs_the_end_to_end_term_alone() -> None:
+    for other in ({"per_step_weight": 1.0}, {"path_weight": 1.0}):
+        with pytest.raises(ValueError, match="end-to-end term alone"):
+            Phase2Spec(schedule_lr=1e-2, **other)
+    with pytest.raises(ValueError):
+        Phase2Spec(schedule_lr=-1.0)
