@@ -52,9 +52,10 @@ SEED_BASE = 10_000
 
 
 def fresh_references(teacher: Denoiser, n: int, sigma_min: float, sigma_max: float,
-                     batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_start, x0*) of `n` fresh trajectories, solved as the bank solves its own (float64)."""
-    gen = torch.Generator().manual_seed(SEED_BASE)
+                     batch: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_start, x0*) of `n` fresh trajectories, solved as the bank solves its own (float64); another `seed`
+    draws another set (a setting picked on one set is reported on another)."""
+    gen = torch.Generator().manual_seed(SEED_BASE + seed)
     x = torch.randn((n, *SHAPE), generator=gen, dtype=torch.float64) * sigma_max
     grid = log_grid(sigma_min, sigma_max, 128).to(torch.float64)
     with torch.no_grad():

@@ -67,16 +67,18 @@ def trained_sigmas(model: Path) -> list[float] | None:
     return None
 
 
-def _references(teacher: object, count: int, sched: Schedule, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _references(teacher: object, count: int, sched: Schedule, cache: Path | None,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The fresh (noise, reference end point) pairs, read from `cache` when it holds `count` of them for these
     sigma bounds. Why: the accurate solves are most of a run of this script, and they are seeded, so scoring
     more students against the same trajectories need not solve them again."""
-    key = torch.tensor([float(count), sched.sigma_min, sched.sigma_max], dtype=torch.float64)
+    key = torch.tensor([float(count), sched.sigma_min, sched.sigma_max, *([float(seed)] if seed else [])],
+                       dtype=torch.float64)  # seed 0's key as before the option: its caches stay valid
     if cache is not None and cache.is_file():
         held = load_file(str(cache))
-        if torch.equal(held["key"], key):
+        if held["key"].shape == key.shape and torch.equal(held["key"], key):
             return held["x"], held["x0"]
-    x, x0 = fresh_references(teacher, count, sched.sigma_min, sched.sigma_max)
+    x, x0 = fresh_references(teacher, count, sched.sigma_min, sched.sigma_max, seed=seed)
     if cache is not None:  # atomically: a kill mid-write must not leave a cache the next run cannot read
         with atomic_path(cache) as tmp:
             save_file({"key": key, "x": x.contiguous(), "x0": x0.contiguous()}, str(tmp))
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="the run folder whose Phase-1 schedule is scored")
     ap.add_argument("--candidate", default=None, help="a Phase-1 candidate's name (default: the trained one)")
     ap.add_argument("--trajectories", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0, help="which fresh set: report on a seed other than the one "
+                    "a setting was picked on")
     ap.add_argument("--cache", type=Path, default=None,
                     help="a .safetensors file for the fresh references: read when it holds as many, else written")
     ap.add_argument("--pool", type=Path, action="append", default=[],
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     sched, solver = _schedule(a.run, a.candidate)
     teacher = ModelSource(kind="digits").load()
-    x, x0 = _references(teacher, a.trajectories, sched, a.cache)
+    x, x0 = _references(teacher, a.trajectories, sched, a.cache, a.seed)
     head = ("| model | mean E | median | p90 | p99 | E > 1 | worse by > 0.5 | cut of the mean vs untouched [95%] |\n"
             "|---|---|---|---|---|---|---|---|")
     base = errors(teacher, sched, solver, x, x0)
@@ -129,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, path = item.partition("=")
         students[name] = ModelSource(kind="digits").with_checkpoint(path).load()
         own = trained_sigmas(Path(path))
-        if own is not None:
-            name += " (its trained sigmas)"
-        lines.append(_row(name, errors(students[name], sched if own is None else Schedule(own), solver, x, x0),
+        label = name if own is None else f"{name} (its trained sigmas)"
+        lines.append(_row(label, errors(students[name], sched if own is None else Schedule(own), solver, x, x0),
                           base))
         print("\n".join(lines), file=sys.stderr)
     for item in a.pool:

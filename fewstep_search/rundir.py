@@ -7,10 +7,11 @@ Layout (DESIGN.md section 3):
     DIR/bank.safetensors         the teacher's reference trajectories, reused when their metadata matches
     DIR/optuna.db, optuna.json   the Optuna record of every Phase-1 trial (and where it is, for `dashboard`)
     DIR/round_R/phase1.json      round R's Phase-1: every trial scored on fit / select / test
-    DIR/round_R/schedule.json    round R's schedule
+    DIR/round_R/schedule.json    round R's Phase-1 schedule (the one Phase-2 trains on)
     DIR/round_R/phase2/          Phase-2's checkpoints (one per epoch; a killed run resumes from the last)
     DIR/round_R/model.safetensors  round R's fine-tuned weights
-    DIR/round_R/metrics.json     round R's evaluation; written last, so its presence marks the round finished
+    DIR/round_R/metrics.json     round R's evaluation and its pair's schedule (Phase-2's trained sigmas with
+                                 `phase2.schedule_lr`); written last, so its presence marks the round finished
     DIR/best/schedule.json       the best pair's schedule {"nfe": N, "sigmas": [...], ...}
     DIR/best/model.safetensors   ... and its weights (absent when Phase-2 did not run)
     DIR/results.json             every round and the baselines, the table the CLI prints

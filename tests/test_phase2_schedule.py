@@ -74,7 +74,11 @@ def test_a_round_with_schedule_lr_moves_the_sigmas_scores_on_them_and_resumes_th
 
 
 def test_schedule_lr_needs_the_end_to_end_term_alone() -> None:
-    for other in ({"per_step_weight": 1.0}, {"path_weight": 1.0}):
+    """On by default; beside the per-step loss or the path term the schedule stays fixed, and asking for both
+    explicitly is refused."""
+    assert Phase2Spec().trains_schedule
+    for other in ({"per_step_weight": 1.0, "end_to_end_weight": 0.0}, {"path_weight": 1.0}):
+        assert not Phase2Spec(**other).trains_schedule
         with pytest.raises(ValueError, match="end-to-end term alone"):
             Phase2Spec(schedule_lr=1e-2, **other)
     with pytest.raises(ValueError):

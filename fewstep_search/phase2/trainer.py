@@ -69,9 +69,10 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
         del budget_free["end_to_end_loss"]  # the loss before the option existed: the same key
     if spec.path_weight == 0:
         del budget_free["path_weight"]  # rounds without the path term keep their keys
-    for default_off in ("cpu_autocast", "schedule_lr"):
-        if not budget_free[default_off]:
-            del budget_free[default_off]  # off: rounds from before the option keep their keys
+    if not spec.cpu_autocast:
+        del budget_free["cpu_autocast"]  # the default: earlier rounds keep their keys
+    if not spec.trains_schedule:
+        del budget_free["schedule_lr"]  # a fixed schedule: rounds from before the option keep their keys
     parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
     if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
         parts.append(solver)

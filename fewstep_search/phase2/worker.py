@@ -144,7 +144,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                               end_steps=spec.end_to_end_teacher_steps)
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
-    learned = LearnedSchedule(cfg.sigmas).to(device) if spec.schedule_lr > 0 else None
+    learned = LearnedSchedule(cfg.sigmas).to(device) if spec.trains_schedule else None
     optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay, schedule=learned,
                                schedule_lr=spec.schedule_lr)
     state = ck.TrainState(history=[], config_key=cfg.config_key)
