@@ -1,4 +1,5 @@
-"""`phase2.schedule_lr`: the schedule's interior sigmas trained with the weights through the end-to-end term."""
+"""`phase2.schedule_lr`: the schedule's interior sigmas trained with the weights through the end-to-end term;
+`phase2.schedule_first_steps`: the sigmas alone first."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import pytest
 import torch
 from test_phase2_steps import _tiny_ipndm_round
 
+from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.learned_schedule import LearnedSchedule
 from fewstep_search.phase2.loss import solver_chain
+from fewstep_search.phase2.optim import Clock, make_optimizer, make_scheduler
+from fewstep_search.schedules import sigmas_from_logits
 from fewstep_search.study.phase2 import Phase2Spec
 
 SIGMAS = (80.0, 9.0, 2.5, 0.7, 0.2, 0.05, 0.002)
@@ -50,7 +54,7 @@ def test_a_round_with_schedule_lr_moves_the_sigmas_scores_on_them_and_resumes_th
     writes them as the round's schedule), a resumed round starts from the checkpoint's sigmas, and a folder of a
     round with the schedule fixed is not resumed as this one."""
     spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
-                      pool_size=32, schedule_lr=5e-2)
+                      pool_size=32, schedule_lr=5e-2, schedule_first_steps=0)
     res = _tiny_ipndm_round(spec, tmp_path / "co")
     assert res.stopped_reason is None
     start = res.history[0]["sigmas"]
@@ -83,3 +87,49 @@ def test_schedule_lr_needs_the_end_to_end_term_alone() -> None:
             Phase2Spec(schedule_lr=1e-2, **other)
     with pytest.raises(ValueError):
         Phase2Spec(schedule_lr=-1.0)
+
+
+def test_the_weights_wait_for_the_schedule_then_warm_up_from_where_they_start() -> None:
+    """The schedule's group trains from step 0; the weights' rate is 0 until the start step is known and their
+    warm-up counts from it."""
+    module, learned = torch.nn.Linear(2, 2), LearnedSchedule(SIGMAS)
+    opt = make_optimizer(module, lr=1e-3, weight_decay=0.0, schedule=learned, schedule_lr=1e-2)
+    clock = Clock(budget_seconds=1.0, max_steps=100)
+    start: list[int | None] = [None]
+    sched = make_scheduler(opt, clock, warmup_steps=3, lr=1e-3, lr_final=1e-3, weights_from=lambda: start[0])
+    rates = []
+    for step in range(8):
+        rates.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]))
+        opt.step()
+        clock.step = step + 1
+        if step + 1 == 5:
+            start[0] = 5
+        sched.step()
+    assert [w for w, _ in rates[:5]] == [0.0] * 5
+    assert [w for w, _ in rates[5:]] == pytest.approx([1e-3 / 4, 2e-3 / 4, 3e-3 / 4])  # a warm-up from step 5
+    assert [s for _, s in rates] == pytest.approx([1e-2 / 4, 2e-2 / 4, 3e-2 / 4] + [1e-2] * 5)
+
+
+def test_a_schedule_only_start_moves_the_sigmas_first_and_is_capped_in_a_short_round(tmp_path) -> None:
+    """With `schedule_first_steps` the weights start at that step (recorded in the checkpoint, so a resumed
+    round keeps it) and the EMA averages only the steps that moved them; in a round too short for it the start
+    ends at a quarter of the round, so the weights still get most of the steps."""
+    spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
+                      pool_size=32, schedule_lr=5e-2, schedule_first_steps=4)
+    res = _tiny_ipndm_round(spec, tmp_path / "first")
+    assert res.stopped_reason is None and res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
+    last = ck.read_checkpoint(sorted((tmp_path / "first" / "checkpoints").iterdir())[-1])
+    assert last.state.weights_from == 4 and int(last.optimizer["ema_updates"]) == 24 - 4
+    assert res.sigmas is not None and res.sigmas != res.history[0]["sigmas"]
+    # the round's sigmas are the EMA of the trained ones (paired with the EMA weights), not the last raw step's
+    raw, averaged = last.optimizer["schedule_logits"], last.optimizer["schedule_ema_logits"]
+    assert not torch.allclose(raw, averaged) and int(last.optimizer["schedule_ema_updates"]) == 24
+    ends = (res.sigmas[-1], res.sigmas[0])
+    assert res.sigmas == pytest.approx(sigmas_from_logits(averaged.double(), *ends).tolist(), rel=1e-5)
+    long = _tiny_ipndm_round(spec.model_copy(update={"schedule_first_steps": 1000}), tmp_path / "capped")
+    capped = ck.read_checkpoint(sorted((tmp_path / "capped" / "checkpoints").iterdir())[-1])
+    assert capped.state.weights_from == 6  # a quarter of 24 steps
+    assert long.history[-1]["test_error"] < 0.9 * long.initial["test_error"]
+    with pytest.raises(ValueError, match="schedule_first_steps"):
+        Phase2Spec(schedule_first_steps=10, schedule_lr=0.0)
+    assert Phase2Spec(schedule_lr=0.0).weights_wait == 0

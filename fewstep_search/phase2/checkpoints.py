@@ -78,6 +78,7 @@ class TrainState:
     pool_size: int | None = None  # one worker's pool as resolved (pool_size = "auto" is timed once per round)
     train_from: float | None = None  # round seconds when training began (after the up-front teacher work)
     pool_used: int | None = None  # the solved prefix of the pool a fill cut at its deadline trains on
+    weights_from: int | None = None  # the step the weights began to train (after a schedule-only start)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +86,7 @@ class TrainState:
             "teacher_calls": self.teacher_calls,
             "history": self.history or [], "config_key": self.config_key, "initial": self.initial,
             "pool_size": self.pool_size, "train_from": self.train_from, "pool_used": self.pool_used,
+            "weights_from": self.weights_from,
         }
 
     @classmethod
@@ -95,6 +97,7 @@ class TrainState:
             teacher_calls=int(d.get("teacher_calls", 0)), history=list(d.get("history", [])),
             config_key=str(d.get("config_key", "")), initial=d.get("initial"), pool_size=d.get("pool_size"),
             train_from=d.get("train_from"), pool_used=d.get("pool_used"),
+            weights_from=d.get("weights_from", 0),  # checkpoints from before the option trained from step 0
         )
 
 

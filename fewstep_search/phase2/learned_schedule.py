@@ -11,16 +11,26 @@ Parameterization: `logits` [N], the interior sigmas as shares of the log-sigma s
 ends stay where Phase-1 put them (sigma_max, and the bank's sigma_min every E is measured at) and the sigmas stay
 strictly decreasing whatever the optimizer does (Phase-1's own `schedules.sigmas_from_logits`, each step at
 least `MIN_STEP_SHARE` of the span). It starts exactly at the Phase-1 schedule.
+
+Two things make where the sigmas land reliable (docs/phase2.md, "The schedule first, and its EMA"): the round's
+first optimizer steps train the sigmas alone (`phase2.schedule_first_steps`; from step 0 the weights adapt to
+Phase-1's sigmas and hold them near there), and the round evaluates and returns an EMA of the sigmas, paired
+with the EMA of the weights (a batch gives a noisy gradient in N shares; the last step's sigmas swung by 50%).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from fewstep_search.schedules import logits_from_sigmas, sigmas_from_logits
 
-__all__ = ["LearnedSchedule"]
+__all__ = [
+    "LearnedSchedule", "SCHEDULE_FIRST_SHARE", "restore_schedule", "schedule_checkpoint", "schedule_only_over",
+]
 
 
 class LearnedSchedule(nn.Module):
@@ -47,3 +57,29 @@ class LearnedSchedule(nn.Module):
         with torch.no_grad():
             inner = tuple(float(v) for v in self()[1:-1])
         return (self.ends[0], *inner, self.ends[1])
+
+
+SCHEDULE_FIRST_SHARE = 0.25
+"""The most of a round's training (progress) a schedule-only start may take (`phase2.schedule_first_steps`)."""
+
+
+def schedule_only_over(step: int, first_steps: int, train_progress: float) -> bool:
+    """Whether a round's schedule-only start is over at optimizer step `step`: after `first_steps`, or at
+    `SCHEDULE_FIRST_SHARE` of its training when that comes first (a short round keeps most of its steps for the
+    weights)."""
+    return step >= first_steps or train_progress >= SCHEDULE_FIRST_SHARE
+
+
+def schedule_checkpoint(learned: LearnedSchedule | None, averaged: AveragedModel | None) -> dict[str, Any]:
+    """A learned schedule's part of an optimizer checkpoint: its logits and their EMA (nothing without one)."""
+    if learned is None or averaged is None:
+        return {}
+    return {"schedule_logits": learned.logits.detach().cpu(), "schedule_ema_updates": int(averaged.n_averaged),
+            "schedule_ema_logits": averaged.module.logits.detach().cpu()}
+
+
+def restore_schedule(learned: LearnedSchedule, averaged: AveragedModel, saved: dict[str, Any]) -> None:
+    """Back to `schedule_checkpoint`'s state; a checkpoint from before the EMA existed starts it at the logits."""
+    learned.logits.data.copy_(saved["schedule_logits"])
+    averaged.module.logits.data.copy_(saved.get("schedule_ema_logits", saved["schedule_logits"]))
+    averaged.n_averaged.fill_(int(saved.get("schedule_ema_updates", 0)))

@@ -96,14 +96,23 @@ def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float, schedul
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, clock: Clock, *, warmup_steps: int, lr: float, lr_final: float
+    optimizer: torch.optim.Optimizer, clock: Clock, *, warmup_steps: int, lr: float, lr_final: float,
+    weights_from: Callable[[], int | None] = lambda: 0,
 ) -> LambdaLR:
-    """LambdaLR whose factor reads the clock's training progress (see the module docstring)."""
+    """LambdaLR whose factor reads the clock's training progress (see the module docstring).
+
+    With a second group (a learned schedule, `make_optimizer`), the weights' rate is 0 until the step
+    `weights_from()` returns (None: not yet) and their warm-up starts there, while the schedule's group trains
+    from step 0 (`phase2.schedule_first_steps`: the sigmas settle before the weights adapt to them)."""
 
     def factor(step: int) -> float:
         return lr_factor(step, clock.train_progress, warmup_steps=warmup_steps, lr=lr, lr_final=lr_final)
 
-    return LambdaLR(optimizer, factor)
+    def weights_factor(step: int) -> float:
+        start = weights_from()
+        return 0.0 if start is None or step < start else factor(step - start)
+
+    return LambdaLR(optimizer, factor if len(optimizer.param_groups) == 1 else [weights_factor, factor])
 
 
 def _ema_with_warmup(decay: float) -> Callable[..., None]:

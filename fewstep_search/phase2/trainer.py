@@ -73,6 +73,8 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
         del budget_free["cpu_autocast"]  # the default: earlier rounds keep their keys
     if not spec.trains_schedule:
         del budget_free["schedule_lr"]  # a fixed schedule: rounds from before the option keep their keys
+    if spec.weights_wait == 0:
+        del budget_free["schedule_first_steps"]  # joint from step 0: rounds from before the option keep their keys
     parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
     if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
         parts.append(solver)

@@ -30,7 +30,12 @@ from fewstep_search.denoiser import ModelOutputError, bind_condition, is_conditi
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.evaluate import student_errors, teacher_error
-from fewstep_search.phase2.learned_schedule import LearnedSchedule
+from fewstep_search.phase2.learned_schedule import (
+    LearnedSchedule,
+    restore_schedule,
+    schedule_checkpoint,
+    schedule_only_over,
+)
 from fewstep_search.phase2.loss import (
     LossParts,
     StudentChain,
@@ -145,6 +150,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
     learned = LearnedSchedule(cfg.sigmas).to(device) if spec.trains_schedule else None
+    # the sigmas' own EMA, the one evaluated and returned: the pair is (EMA weights, EMA sigmas)
+    learned_ema = None if learned is None else make_ema(learned, decay=spec.ema_decay)
     optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay, schedule=learned,
                                schedule_lr=spec.schedule_lr)
     state = ck.TrainState(history=[], config_key=cfg.config_key)
@@ -163,14 +170,17 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     clock = Clock(budget_seconds=60.0 * spec.max_minutes, max_steps=spec.max_steps, seconds_before=state.seconds,
                   wall_before=state.wall_seconds, kind=spec.clock)
     clock.step = state.step
-    scheduler = make_scheduler(optimizer, clock, warmup_steps=spec.warmup_steps, lr=spec.lr, lr_final=spec.lr_final)
+    if saved is None:
+        state.weights_from = None if spec.weights_wait > 0 else 0
+    scheduler = make_scheduler(optimizer, clock, warmup_steps=spec.warmup_steps, lr=spec.lr, lr_final=spec.lr_final,
+                               weights_from=lambda: state.weights_from)
     if saved is not None:  # after the scheduler exists: its constructor rewrites the optimizer's lr
         module.load_state_dict(saved.student)
         ema.module.load_state_dict(saved.ema)
         ema.n_averaged.fill_(int(saved.optimizer["ema_updates"]))
         optimizer.load_state_dict(saved.optimizer["optimizer"])
-        if learned is not None:
-            learned.logits.data.copy_(saved.optimizer["schedule_logits"])
+        if learned is not None and learned_ema is not None:
+            restore_schedule(learned, learned_ema, saved.optimizer)
         scheduler.load_state_dict(saved.optimizer["scheduler"])
     autocast = spec.autocast and (device.type == "cuda" or (device.type == "cpu" and spec.cpu_autocast))
     chain = (StudentChain(module, cfg.sigmas, cfg.solver, autocast, states=spec.path_weight > 0, schedule=learned)
@@ -243,8 +253,14 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                 grad = torch.nn.utils.clip_grad_norm_(module.parameters(), spec.grad_clip)
                 optimizer.step()
                 clock.step += 1
+                due = schedule_only_over(clock.step, spec.weights_wait, clock.train_progress)
+                if state.weights_from is None and bool(ctx.any_flag(torch.tensor([float(due)], device=device))[0]):
+                    state.weights_from = clock.step  # before scheduler.step(): it sets the next step's rates
                 scheduler.step()
-                ema.update_parameters(module)
+                if state.weights_from is not None and clock.step > state.weights_from:  # the weights moved
+                    ema.update_parameters(module)
+                if learned_ema is not None:
+                    learned_ema.update_parameters(learned)
                 sums["loss"] += float(parts.total.detach())
                 sums["per_step"] += parts.per_step.float().cpu()
                 sums["grad"] += float(grad)
@@ -266,7 +282,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
             }
             folder = None
             if ctx.rank == 0:
-                metrics.update(_evaluate(ema.module, cfg, device, learned))
+                metrics.update(_evaluate(ema.module, cfg, device, None if learned_ema is None else learned_ema.module))
                 metrics["seconds"] = clock.seconds
                 metrics["wall_seconds"] = clock.wall_seconds
                 state.history = [*(state.history or []), metrics]
@@ -274,7 +290,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                     root, ema_state=ck.state_dict_cpu(ema.module), student_state=ck.state_dict_cpu(module),
                     optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "ema_updates": int(ema.n_averaged),
-                                     **({} if learned is None else {"schedule_logits": learned.logits.detach().cpu()})},
+                                     **schedule_checkpoint(learned, learned_ema)},
                     state=state, pool_state=_pool_state(pool, ctx.world_size),
                 )
                 ck.prune_checkpoints(root, spec.keep_checkpoints)
