@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from fewstep_search.atomic import atomic_path
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase2.pool import NoisePool
+from fewstep_search.phase2.result import FineTuneResult
 from fewstep_search.schedules import Schedule
 
 
@@ -62,8 +63,8 @@ def trained_sigmas(model: Path) -> list[float] | None:
         sched = json.loads(metrics.read_text()).get("schedule", {})
         return sched["sigmas"] if sched.get("trained_sigmas") else None
     if result.is_file():
-        history = json.loads(result.read_text()).get("history") or [{}]
-        return history[-1].get("sigmas")
+        sigmas = FineTuneResult.from_dict(json.loads(result.read_text()), result.parent).sigmas
+        return None if sigmas is None else list(sigmas)
     return None
 
 

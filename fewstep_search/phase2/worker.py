@@ -253,9 +253,10 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                 grad = torch.nn.utils.clip_grad_norm_(module.parameters(), spec.grad_clip)
                 optimizer.step()
                 clock.step += 1
-                due = schedule_only_over(clock.step, spec.weights_wait, clock.train_progress)
-                if state.weights_from is None and bool(ctx.any_flag(torch.tensor([float(due)], device=device))[0]):
-                    state.weights_from = clock.step  # before scheduler.step(): it sets the next step's rates
+                if state.weights_from is None:  # a schedule-only start: over on any worker's word
+                    due = schedule_only_over(clock.step, spec.weights_wait, clock.train_progress)
+                    if bool(ctx.any_flag(torch.tensor([float(due)], device=device))[0]):
+                        state.weights_from = clock.step  # before scheduler.step(): it sets the next step's rates
                 scheduler.step()
                 if state.weights_from is not None and clock.step > state.weights_from:  # the weights moved
                     ema.update_parameters(module)
