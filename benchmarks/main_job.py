@@ -5,7 +5,8 @@
 
 Reads only the run's `results.json` (nothing is re-measured): `timings` (wall seconds per phase, as the run
 recorded them), `baselines` (the untouched model with its best heuristic and with the Phase-1 winner) and
-`rounds`. Every E is on the bank's test trajectories; the pair kept was picked on select E.
+`rounds`. E test is on the bank's test trajectories, which decide nothing; the pair kept was picked on E keep (the
+run's keep set; E select where the run had none).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def _fd(row: dict[str, Any]) -> str:
     return f"{row['fd']:.2f}" if row.get("fd") is not None else "-"
 
 
+def _e(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def tables(res: dict[str, Any]) -> str:
     t = res["timings"]
     named = {k: v for k, v in t.items() if k != "total"}
@@ -35,19 +40,21 @@ def tables(res: dict[str, Any]) -> str:
     rest = t["total"] - sum(named.values())
     lines += [f"| the rest (final FD of each pair, figures, Ray start and stop) | {rest:.0f} s |",
               f"| **total** | **{t['total']:.0f} s** |", ""]
-    lines += [f"| pair (NFE = {res['nfe']}) | schedule (solver) | E select | E test | FD |", "|---|---|---|---|---|"]
+    lines += [f"| pair (NFE = {res['nfe']}) | schedule (solver) | E select | E keep | E test | FD |",
+              "|---|---|---|---|---|---|"]
     base = res["baselines"]
     rows = [("untouched model, best heuristic", base["best_heuristic"]),
             ("untouched model, Phase-1 winner", base["phase1"])]
     rows += [(f"round {r['round']}: fine-tuned ({len(r['phase2']['history'])} epochs, "
               f"{r['phase2']['history'][-1]['step'] if r['phase2']['history'] else 0} steps)",
-              {**r["schedule"], "select_error": r["select_error"], "test_error": r["test_error"], "fd": r.get("fd")})
+              {**r["schedule"], **{k: r.get(k) for k in ("select_error", "keep_error", "test_error", "fd")}})
              for r in res["rounds"]]
     kept = res["best"]["round"]
     for i, (label, row) in enumerate(rows):
         is_kept = (kept == 0 and i == 1) or (kept == i - 1 and i >= 2)
+        errors = " | ".join(_e(row.get(k)) for k in ("select_error", "keep_error", "test_error"))
         lines.append(f"| {label}{' (kept)' if is_kept else ''} | `{row['name']}` ({row.get('solver', 'ddim')}) | "
-                     f"{row['select_error']:.4f} | {row['test_error']:.4f} | {_fd(row)} |")
+                     f"{errors} | {_fd(row)} |")
     return "\n".join(lines)
 
 

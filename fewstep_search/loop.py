@@ -3,11 +3,13 @@
 Round r: Phase-1 searches a schedule s_r for the current model (the teacher in round 1, then the last student;
 the teacher's bank is reused, a student's outputs on the grid are recomputed at the teacher's states) -> Phase-2
 fine-tunes the current model on exactly s_r -> the pair (s_r, student_r) is evaluated. `rounds = 0` is Phase-1
-alone. The loop stops after `rounds`, or early when a round improves the select error by less than 1%; the best
+alone. The loop stops after `rounds`, or early when a round improves the keep error by less than 1%; the best
 pair is kept.
 
-Honest numbers: every decision (a round's winning schedule, the best pair, the early stop) is taken on the
-select trajectories; every reported error is on the test trajectories, which no decision looks at.
+Honest numbers: a round's winning schedule is picked on the select trajectories; the best pair and the early
+stop are decided on the keep set (`bank.keep_trajectories` fresh reference trajectories,
+`fewstep_search.bank.keep`), because Phase-1's pair was picked on select among every trial and its select error
+is optimistic against a round's; every reported error is on the test trajectories, which no decision looks at.
 
 Ray starts once per run (`fewstep_search.ray_runtime.ray_session`) and serves every round's search and
 training. Every step's result is written to the run directory as it finishes, so an interrupted run resumes:
@@ -25,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from fewstep_search import best_pair
 from fewstep_search.bank import Bank
 from fewstep_search.bank.student import student_bank
+from fewstep_search.best_pair import BestPair, keep_error
 from fewstep_search.denoiser import Denoiser
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.phase1.engine import Executor, InProcessExecutor, TrialContext, run_phase1
@@ -38,6 +42,7 @@ from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, PHASE2_SOLVERS
 from fewstep_search.quality import sample_quality_of
 from fewstep_search.resolve import (
     cached_or_built_bank,
+    cached_or_built_keep_set,
     check_conditions,
     model_source,
     resolve_device,
@@ -48,10 +53,7 @@ from fewstep_search.rundir import RunDir
 from fewstep_search.schedules import Schedule
 from fewstep_search.study import StudyConfig
 
-__all__ = ["Reporter", "QuietReporter", "LoopOptions", "run_loop", "IMPROVEMENT"]
-
-IMPROVEMENT = 0.01
-"""A round must lower the select error by at least this fraction, or the loop stops."""
+__all__ = ["Reporter", "QuietReporter", "LoopOptions", "run_loop"]
 
 
 class Reporter(Protocol):
@@ -144,6 +146,24 @@ class _Run:
                             + ("" if built else ", reused from the run folder"))
         return bank
 
+    def keep_set(self) -> Bank | None:
+        """The loop's decision set (None with `bank.keep_trajectories = 0`: it decides on select, with a note)."""
+        t0 = time.perf_counter()
+        keep, built = cached_or_built_keep_set(
+            self.teacher, self.config, load=self.rundir.load_keep, save=self.rundir.save_keep,
+            sigma_min=self.sigma_min, sigma_max=self.sigma_max, shape=self.shape,
+            progress=self.reporter.progress, notes=(notes := []))
+        for line in notes:
+            self.note(line)
+        if keep is None:
+            self.note("bank.keep_trajectories = 0: the best pair is kept on select E, where Phase-1's winner was "
+                      "picked (optimistic for it)")
+            return None
+        self.timings["keep_set"] = time.perf_counter() - t0 if built else 0.0
+        self.reporter.phase(f"keep set: {keep.n_trajectories} fresh trajectories the best pair is kept on"
+                            + ("" if built else ", reused from the run folder"))
+        return keep.to(self.config.device)
+
     def executor(self, r: int) -> Executor:
         s = self.config.search
         if self.options.engine == "local":
@@ -226,14 +246,17 @@ class _Run:
         self.rundir.write_phase1(r, summary)
         return summary
 
-    def evaluate(self, model: Denoiser, schedule: Schedule, bank: Bank, *, solver: str) -> dict[str, Any]:
-        """Select and test E of a pair, and its sample quality where the model has data."""
+    def evaluate(self, model: Denoiser, schedule: Schedule, bank: Bank, keep: Bank | None, *,
+                 solver: str) -> dict[str, Any]:
+        """Select, keep and test E of a pair, and its sample quality where the model has data."""
         scores = score_schedule(model, bank.to(self.config.device), schedule, solver=solver,
                                 batch_size=self.config.bank.batch_size, parts=("select", "test"))
+        scores.update(keep_error(model, schedule, keep, solver=solver, batch_size=self.config.bank.batch_size))
         quality = sample_quality_of(model, schedule, solver=solver, device=self.config.device)
         by_cond = errors_by_condition(model, bank.test().to(self.config.device), schedule, solver=solver,
                                       batch_size=self.config.bank.batch_size)
         return {"select_error": scores["select_error"], "test_error": scores["test_error"],
+                **({"keep_error": scores["keep_error"]} if "keep_error" in scores else {}),
                 **({"fd": quality["fd"], "confidence": quality["confidence"]} if quality else {}),
                 **({"test_error_by_condition": by_cond} if by_cond else {})}
 
@@ -275,11 +298,12 @@ def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None =
         run.note("bank.sharded needs Ray: the in-process engine builds the bank in this process")
     sharded = options.engine == "ray" and config.bank.sharded
     bank = None if sharded else run.bank(sharded=False)  # built before Ray starts: its idle processes cost CPU
+    keep = run.keep_set() if rounds > 0 else None  # Phase-1 alone keeps its winner: nothing to decide
     with session:  # Ray starts once: the sharded bank (when asked for), the search and Phase-2 share it
-        return _rounds(run, bank if bank is not None else run.bank(sharded=True), rounds)
+        return _rounds(run, bank if bank is not None else run.bank(sharded=True), keep, rounds)
 
 
-def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
+def _rounds(run: _Run, bank: Bank, keep: Bank | None, rounds: int) -> dict[str, Any]:
     config, rundir = run.config, run.rundir
     p1 = run.phase1(1, bank, run.teacher_source, phase2_follows=rounds > 0)
     heur = p1["best_heuristic"]
@@ -297,9 +321,12 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
             q = sample_quality_of(run.teacher, _schedule_of(row), solver=row["solver"], device=config.device)
             if q is not None:
                 baselines[key].update(fd=q["fd"], confidence=q["confidence"])
-    best = {"round": 0, **baselines["phase1"], "schedule": p1["best"], "model": None}
+    batch = config.bank.batch_size
+    baselines["phase1"].update(keep_error(run.teacher, _schedule_of(p1["best"]), keep, solver=p1["best"]["solver"],
+                                          batch_size=batch))
+    best = BestPair(baselines["phase1"], p1["best"], on_keep_set=keep is not None)
     history: list[dict[str, Any]] = []
-    current, current_den, prev_select = run.teacher_source, run.teacher, best["select_error"]
+    current, current_den = run.teacher_source, run.teacher
     for r in range(1, rounds + 1):
         if r > 1:
             student = student_bank(bank, current_den, model_id=current.model_id)
@@ -316,31 +343,33 @@ def _rounds(run: _Run, bank: Bank, rounds: int) -> dict[str, Any]:
                 run.note(f"round {r}: the search's winner uses {p1['best']['solver']}; Phase-2 trains for "
                          f"{config.phase2.train_for.replace('_', '-')} solvers, on the best such candidate "
                          f"({pick['name']}, {pick['solver']})")
-            metrics = _phase2_round(run, r, bank, current, _schedule_of(pick), pick)
-        history.append(metrics)
+            metrics = _phase2_round(run, r, bank, keep, current, _schedule_of(pick), pick)
         current = run.teacher_source.with_checkpoint(rundir.model_path(r))
         current_den = current.load(cache=False)
-        if metrics["select_error"] < best["select_error"]:
-            best = {"round": r, "name": metrics["schedule"]["name"], "select_error": metrics["select_error"],
-                    "test_error": metrics["test_error"], "solver": metrics["schedule"].get("solver", "ddim"),
-                    "schedule": metrics["schedule"], "model": str(rundir.model_path(r)),
-                    **({"fd": metrics["fd"]} if "fd" in metrics else {})}
+        if best.decide not in metrics:  # a round finished before this run had a keep set: scored on it now
+            metrics = {**metrics, **keep_error(current_den, _schedule_of(metrics["schedule"]), keep,
+                                               solver=metrics["schedule"].get("solver", "ddim"), batch_size=batch)}
+            rundir.write_round(r, metrics)
+        history.append(metrics)
+        best.offer(metrics, rundir.model_path(r))
         if metrics.get("stopped_reason"):
             run.note(f"round {r}: Phase-2 stopped early ({metrics['stopped_reason']}); the loop ends here")
             break
-        if r < rounds and metrics["select_error"] > prev_select * (1 - IMPROVEMENT):
-            run.note(f"round {r} improved the select error by less than {IMPROVEMENT:.0%}; stopping after it")
+        if best.stalled(metrics) and r < rounds:
+            run.note(f"round {r} improved the {best.set_name} error by less than {best_pair.IMPROVEMENT:.0%}; "
+                     "stopping after it")
             break
-        prev_select = metrics["select_error"]
-    if best["round"] == 0 and "fd" in baselines["phase1"]:
-        best["fd"] = baselines["phase1"]["fd"]
-    rundir.write_best({**best["schedule"], "nfe": config.nfe, "round": best["round"],
-                       "test_error": best["test_error"], "select_error": best["select_error"]},
-                      Path(best["model"]) if best["model"] else None)
+    kept = best.row
+    if kept["round"] == 0 and "fd" in baselines["phase1"]:
+        kept["fd"] = baselines["phase1"]["fd"]
+    rundir.write_best({**kept["schedule"], "nfe": config.nfe, "round": kept["round"],
+                       **{k: kept[k] for k in ("test_error", "select_error", "keep_error") if k in kept}},
+                      Path(kept["model"]) if kept["model"] else None)
     results = {"nfe": config.nfe, "model": config.model.model_id, "run_id": run.run_id, "rounds": history,
-               "baselines": baselines, "best": {k: v for k, v in best.items() if k != "schedule"},
+               "baselines": baselines, "best": {k: v for k, v in kept.items() if k != "schedule"},
+               "decided_on": best.set_name,
                "notes": run.notes, "timings": {**run.timings, "total": time.perf_counter() - run.started},
-               "bank_sizes": bank.sizes()}
+               "bank_sizes": {**bank.sizes(), **({"keep": keep.n_trajectories} if keep is not None else {})}}
     rundir.write_results(results)
     return results
 
@@ -360,7 +389,7 @@ def _note_targets(run: _Run, r: int, initial: Mapping[str, Any]) -> None:
     run.note(line)
 
 
-def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule: Schedule,
+def _phase2_round(run: _Run, r: int, bank: Bank, keep: Bank | None, student: ModelSource, schedule: Schedule,
                   row: Mapping[str, Any]) -> dict[str, Any]:
     """Fine-tune the current model on round r's schedule, evaluate the pair, write the round."""
     from fewstep_search.phase2 import fine_tune
@@ -382,7 +411,7 @@ def _phase2_round(run: _Run, r: int, bank: Bank, student: ModelSource, schedule:
     if result.sigmas is not None:  # phase2.schedule_lr: the round trained the sigmas too; the pair is both
         row = {**row, "sigmas": list(result.sigmas), "phase1_sigmas": list(row["sigmas"]), "trained_sigmas": True}
         schedule = Schedule(result.sigmas, name=str(row.get("name", "schedule")))
-    evaluation = run.evaluate(den, schedule, bank, solver=str(row.get("solver", "ddim")))
+    evaluation = run.evaluate(den, schedule, bank, keep, solver=str(row.get("solver", "ddim")))
     metrics = {"round": r, "schedule": dict(row), **evaluation,
                "phase1": {"select_error": row["select_error"], "test_error": row["test_error"]},
                "phase2": {"seconds": seconds, "history": list(result.history), "initial": result.initial},

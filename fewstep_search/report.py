@@ -67,10 +67,15 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 def results_table(results: Mapping[str, Any]) -> Table:
-    """Test E (and FD where measured) of the best heuristic, Phase-1 alone and each round; best pair marked."""
-    table = Table(title=f"results (NFE = {results['nfe']}; E on the test trajectories)", box=box.SIMPLE_HEAD)
-    for col, just in (("pair", "left"), ("schedule", "left"), ("E test", "right"), ("vs heur", "right"),
-                      ("FD", "right")):
+    """Test E (and FD where measured) of the best heuristic, Phase-1 alone and each round; best pair marked.
+
+    With a keep set, its E is shown too: the column the best pair was picked on (the test column decides nothing)."""
+    on_keep = "keep_error" in results["baselines"]["phase1"]
+    title = f"results (NFE = {results['nfe']}; E on the test trajectories" + (
+        ", the best pair kept on E keep)" if on_keep else ")")
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for col, just in (("pair", "left"), ("schedule", "left"), *((("E keep", "right"),) if on_keep else ()),
+                      ("E test", "right"), ("vs heur", "right"), ("FD", "right")):
         table.add_column(col, justify=just, no_wrap=col != "schedule", overflow="fold")  # type: ignore[arg-type]
     base = results["baselines"]
     ref = base.get("best_heuristic", {}).get("test_error")
@@ -85,7 +90,8 @@ def results_table(results: Mapping[str, Any]) -> Table:
     for label, row, rnd in rows:
         ratio = row["test_error"] / ref if ref else None
         style = "bold green" if rnd == best_round else None
-        table.add_row(label, escape(str(row.get("name", ""))), _fmt(row["test_error"]), _fmt(ratio, ".3f"),
+        keep = (_fmt(row.get("keep_error")),) if on_keep else ()
+        table.add_row(label, escape(str(row.get("name", ""))), *keep, _fmt(row["test_error"]), _fmt(ratio, ".3f"),
                       _fmt(row.get("fd"), ".2f"), style=style)
     return table
 

@@ -15,11 +15,13 @@ from typing import Any
 import torch
 
 from fewstep_search.bank import Bank, build_bank, plan_for
+from fewstep_search.bank.keep import build_keep_set, keep_expectation
 from fewstep_search.denoiser import Denoiser, is_conditional, sigma_range
 from fewstep_search.models.source import ModelSource
 from fewstep_search.study import StudyConfig
 
-__all__ = ["resolve_device", "model_source", "resolve_range", "resolve_shape", "bank_expectation", "build_study_bank"]
+__all__ = ["resolve_device", "model_source", "resolve_range", "resolve_shape", "bank_expectation", "build_study_bank",
+           "cached_or_built_bank", "cached_or_built_keep_set"]
 
 
 def resolve_device(device: str) -> str:
@@ -143,7 +145,7 @@ def build_study_bank(denoiser: Denoiser, config: StudyConfig, *, sigma_min: floa
     """The study's bank: in this process, or (`bank.sharded`, with the model's `source` and a `shards` folder) as
     shards built by Ray tasks, resumable, and assembled here (`fewstep_search.bank_shards`)."""
     b = config.bank
-    settings = b.model_dump(exclude={"dtype", "sharded"})
+    settings = b.model_dump(exclude={"dtype", "sharded", "keep_trajectories"})
     if not b.sharded or source is None or shards is None:
         return build_bank(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
                           model_id=config.model.model_id, progress=progress, device=config.device,
@@ -181,3 +183,28 @@ def cached_or_built_bank(denoiser: Denoiser, config: StudyConfig, *, load: Calla
 
         shutil.rmtree(shards, ignore_errors=True)
     return bank, True
+
+
+def cached_or_built_keep_set(denoiser: Denoiser, config: StudyConfig, *, load: Callable[[dict[str, Any]], tuple[
+        Bank | None, str | None]], save: Callable[[Bank], None], sigma_min: float, sigma_max: float,
+        shape: tuple[int, ...], progress: bool, notes: list[str]) -> tuple[Bank | None, bool]:
+    """(keep set, built): the loop's decision set (`fewstep_search.bank.keep`), cached like the bank; (None, False)
+    with `bank.keep_trajectories = 0`."""
+    b = config.bank
+    if b.keep_trajectories == 0:
+        return None, False
+    n_cond = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
+    expect = keep_expectation(bank_expectation(config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape,
+                                               n_conditions=n_cond), b.keep_trajectories)
+    keep, why = load(expect)
+    if keep is not None:
+        return keep, False
+    if why is not None:
+        notes.append(f"the cached keep set was not reused ({why}); solving a new one")
+    plan = plan_for(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, dtype=b.dtype,
+                    model_id=config.model.model_id, keep_states=False,
+                    **b.model_dump(exclude={"dtype", "sharded", "keep_trajectories", "batch_size", "keep_states"}))
+    keep = build_keep_set(denoiser, plan, b.keep_trajectories, device=config.device, batch_size=b.batch_size,
+                          progress=progress)
+    save(keep)
+    return keep, True

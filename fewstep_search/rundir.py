@@ -5,6 +5,7 @@ Layout (DESIGN.md section 3):
     DIR/run.json                 the run's identity (a random id that names its Optuna studies, budget, model)
     DIR/config.json              the resolved study (what actually ran)
     DIR/bank.safetensors         the teacher's reference trajectories, reused when their metadata matches
+    DIR/keep.safetensors         the keep set: fresh reference end points the loop keeps its best pair on
     DIR/optuna.db, optuna.json   the Optuna record of every Phase-1 trial (and where it is, for `dashboard`)
     DIR/round_R/phase1.json      round R's Phase-1: every trial scored on fit / select / test
     DIR/round_R/schedule.json    round R's Phase-1 schedule (the one Phase-2 trains on)
@@ -76,6 +77,17 @@ def check_writable(path: Path) -> None:
         raise RunDirError(f"--out {path} is not writable: {exc.strerror or exc}") from None
 
 
+def _cached(path: Path, expect: dict[str, Any]) -> tuple[Bank | None, str | None]:
+    """(the bank file at `path`, None) when it matches `expect`; (None, why not) when stale or damaged; (None, None)
+    when there is none."""
+    if not path.exists():
+        return None, None
+    try:
+        return load_bank(path, expect=expect), None
+    except (BankMismatchError, ValueError) as exc:
+        return None, str(exc)
+
+
 class RunDir:
     """One run's folder (see the module docstring)."""
 
@@ -123,15 +135,21 @@ class RunDir:
 
     def load_bank(self, expect: dict[str, Any]) -> tuple[Bank | None, str | None]:
         """(the cached bank, None) when it matches `expect`; (None, why not) when it is stale or damaged."""
-        if not self.bank_path.exists():
-            return None, None
-        try:
-            return load_bank(self.bank_path, expect=expect), None
-        except (BankMismatchError, ValueError) as exc:
-            return None, str(exc)
+        return _cached(self.bank_path, expect)
 
     def save_bank(self, bank: Bank) -> None:
         bank.save(self.bank_path)
+
+    @property
+    def keep_path(self) -> Path:
+        return self.path / "keep.safetensors"
+
+    def load_keep(self, expect: dict[str, Any]) -> tuple[Bank | None, str | None]:
+        """The cached keep set (`fewstep_search.bank.keep`) when it matches `expect`, as `load_bank`."""
+        return _cached(self.keep_path, expect)
+
+    def save_keep(self, keep: Bank) -> None:
+        keep.save(self.keep_path)
 
     # ------------------------------------------------------------ rounds
     def round_dir(self, r: int) -> Path:

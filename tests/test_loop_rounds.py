@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep_search import loop
+from fewstep_search import best_pair, loop
 from fewstep_search.loop import LoopOptions, run_loop
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.rundir import RunDir
@@ -20,12 +20,13 @@ NFE = 3
 
 
 def test_two_rounds_train_the_model_and_the_second_search_scores_the_student(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(loop, "IMPROVEMENT", -1.0)  # never stop early: round 2 must run
+    monkeypatch.setattr(best_pair, "IMPROVEMENT", -1.0)  # never stop early: round 2 must run
     factory = write_factory(tmp_path)
     config = StudyConfig.model_validate({
         "nfe": NFE, "rounds": 2,
         "model": {"kind": "factory", "factory": factory, "options": {"seed": 2}},
-        "bank": {"n_trajectories": 32, "grid_size": 16, "substeps": 1, "probes": 1, "keep_states": True},
+        "bank": {"n_trajectories": 32, "grid_size": 16, "substeps": 1, "probes": 1, "keep_states": True,
+                 "keep_trajectories": 16},
         "search": {"heuristics": ["edm", "vp_time_quadratic"], "solvers": ["ddim"],
                    "trials": [{"optimizer": "dp", "objective": "bw", "parameterization": "grid"}]},
         "phase2": {"max_steps": 6, "batch_size": 16, "steps_per_epoch": 3, "pool_size": 32, "lr": 1e-3,
@@ -53,6 +54,19 @@ def test_two_rounds_train_the_model_and_the_second_search_scores_the_student(tmp
     assert best["round"] == results["best"]["round"] and len(best["sigmas"]) == NFE + 1
     if results["best"]["round"] > 0:
         assert (rundir.path / "best" / "model.safetensors").is_file()
+    # the best pair is the lowest on the keep set (fresh trajectories), not on select or test
+    keep = [results["baselines"]["phase1"]["keep_error"], *(r["keep_error"] for r in results["rounds"])]
+    assert results["decided_on"] == "keep" and results["bank_sizes"]["keep"] == 16
+    assert results["best"]["round"] == min(range(3), key=keep.__getitem__)
+    assert best["keep_error"] == keep[best["round"]]
+
+    # a round finished by a version without the keep set is scored on it when the run resumes
+    metrics = json.loads((rundir.round_dir(1) / "metrics.json").read_text())
+    (rundir.round_dir(1) / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items()
+                                                                   if k != "keep_error"}))
+    again = run_loop(config, rundir, options=LoopOptions(engine="local"))
+    assert again["rounds"][0]["keep_error"] == pytest.approx(metrics["keep_error"], rel=1e-9)
+    assert again["timings"]["keep_set"] == 0.0 and again["best"]["round"] == results["best"]["round"]
 
 
 def test_phase2_trains_the_winner_only_for_a_solver_it_is_asked_to_train_for() -> None:

@@ -115,6 +115,11 @@ class BankSpec(Strict):
     keep_states: bool | None = Field(default=None, description="default: when they fit in 256 MiB")
     store_float16: bool = False
     project_dim: int | None = Field(default=None, ge=1)
+    keep_trajectories: int = Field(
+        default=128, ge=0, description="fresh reference trajectories, solved like the bank's, on which the loop "
+        "decides which (schedule, model) pair to keep and when to stop (0: on the select set, where Phase-1's "
+        "winner was picked: its error there is optimistic)"
+    )
 
     @model_validator(mode="after")
     def _sets(self) -> BankSpec:
@@ -124,8 +129,9 @@ class BankSpec(Strict):
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the bank's contents (batch_size and sharded move memory and time, not
-        results: a sharded build equals the single-process one to float round-off)."""
-        return self.model_dump(exclude={"batch_size", "sharded"})
+        results: a sharded build equals the single-process one to float round-off; the keep set is a file of
+        its own)."""
+        return self.model_dump(exclude={"batch_size", "sharded", "keep_trajectories"})
 
 
 class StudyConfig(Strict):
