@@ -14,6 +14,7 @@ here imports Ray.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,14 +40,18 @@ SAVE_EVERY = 30.0
 """Wall seconds between saves of the fill (what a SIGKILL mid-fill can cost)."""
 FILL_SLACK = 1.5
 """The fill may run this many times its planned share of the budget (`teacher_share`) before it stops."""
+TIMED_CALLS = 5
+"""Teacher calls timed to size the pool (their median): one call's time on a 2-core machine was once 3.4x the
+fill's actual rate (the pool then took 141 s of a planned 480), another time right on it."""
 
 
 def timed_pool_size(spec: Phase2Spec, *, teacher: IntervalTeacher, shape: tuple[int, ...], batch: int,
                     dtype: torch.dtype, device: torch.device, n_conditions: int, clock: Clock, world: int,
                     agree: Callable[[float], float]) -> int:
     """One worker's pool: `pool_size` split across workers, or, for `"auto"` with the end-to-end term alone on a
-    timed budget, what the teacher solves in `teacher_share` of it (`pool.auto_pool_size`), timed on one
-    batched teacher call on the round's clock and agreed across workers (`agree`: the smallest).
+    timed budget, what the teacher solves in `teacher_share` of it (`pool.auto_pool_size`), timed on batched
+    teacher calls on the round's clock (the median of `TIMED_CALLS`) and agreed across workers (`agree`: the
+    smallest).
     """
     if spec.pool_size is None:
         return 1  # fresh noise every step; the pool is unused
@@ -61,9 +66,12 @@ def timed_pool_size(spec: Phase2Spec, *, teacher: IntervalTeacher, shape: tuple[
         den = bind_condition(den, torch.zeros(batch, dtype=torch.long, device=device))
     with torch.no_grad():
         den(x, sig)  # warm-up (first-call allocations)
-        t0 = clock.seconds
-        den(x, sig)
-        per_call = max(clock.seconds - t0, 1e-6) / batch
+        times = []
+        for _ in range(TIMED_CALLS):
+            t0 = clock.seconds
+            den(x, sig)
+            times.append(clock.seconds - t0)
+        per_call = max(statistics.median(times), 1e-6) / batch
     # cached per sample: the end point, and with the path term every node's state (N + 1 in all)
     states = len(teacher.sigmas) if spec.path_weight > 0 else 1
     calls = teacher.path_calls_per_sample() if spec.path_weight > 0 else teacher.end_calls_per_sample()
@@ -75,7 +83,7 @@ def timed_pool_size(spec: Phase2Spec, *, teacher: IntervalTeacher, shape: tuple[
 def fill_deadline(spec: Phase2Spec, clock: Clock) -> float | None:
     """Round seconds at which the fill stops, whatever it has solved; None for rounds budgeted in steps.
 
-    Why: the pool is sized from one timed teacher call at the start of the round; on a machine that gets busier
+    Why: the pool is sized from a few timed teacher calls at the start of the round; on a machine that gets busier
     afterwards (a laptop, a shared node) the fill can run past the whole budget and leave no time to train (a
     `make demo` beside another job reached its first step 265 s into a 240 s round: none taken). Stopping at
     `FILL_SLACK` times the planned share (at most 90% of the budget) keeps at least a tenth of it for training,
