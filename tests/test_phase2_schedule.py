@@ -10,7 +10,7 @@ from test_phase2_steps import _tiny_ipndm_round
 from fewstep_search.phase2 import checkpoints as ck
 from fewstep_search.phase2.learned_schedule import LearnedSchedule
 from fewstep_search.phase2.loss import solver_chain
-from fewstep_search.phase2.optim import Clock, make_optimizer, make_scheduler
+from fewstep_search.phase2.optim import Clock, clip_gradients, make_optimizer, make_scheduler
 from fewstep_search.schedules import sigmas_from_logits
 from fewstep_search.study.phase2 import Phase2Spec
 
@@ -133,3 +133,20 @@ def test_a_schedule_only_start_moves_the_sigmas_first_and_is_capped_in_a_short_r
     with pytest.raises(ValueError, match="schedule_first_steps"):
         Phase2Spec(schedule_first_steps=10, schedule_lr=0.0)
     assert Phase2Spec(schedule_lr=0.0).weights_wait == 0
+
+
+def test_the_weights_and_the_sigmas_are_capped_apart() -> None:
+    """A large weight gradient does not shrink the sigmas' small one (as one joint cap would), and a spike in the
+    sigmas' gradient is capped like the weights' is."""
+    module, learned = torch.nn.Linear(4, 4), LearnedSchedule(SIGMAS)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    learned.logits.grad = torch.full_like(learned.logits, 0.01)
+    weights, sigmas = clip_gradients(module, learned, 1.0)
+    assert weights > 10 and sigmas == pytest.approx(0.01 * len(SIGMAS[1:]) ** 0.5, rel=1e-5)
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in module.parameters()])) == pytest.approx(1.0)
+    assert torch.allclose(learned.logits.grad, torch.full_like(learned.logits, 0.01))  # under the cap: untouched
+    learned.logits.grad = torch.full_like(learned.logits, 100.0)
+    _, spike = clip_gradients(module, learned, 1.0)
+    assert spike > 100 and float(learned.logits.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+    assert clip_gradients(module, None, 1.0)[1] is None

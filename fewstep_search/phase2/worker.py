@@ -47,7 +47,7 @@ from fewstep_search.phase2.loss import (
     teacher_forced_loss,
 )
 from fewstep_search.phase2.models import load_student, load_teacher
-from fewstep_search.phase2.optim import Clock, make_ema, make_optimizer, make_scheduler
+from fewstep_search.phase2.optim import Clock, clip_gradients, make_ema, make_optimizer, make_scheduler
 from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool
 from fewstep_search.phase2.pool_fill import fill_deadline, fill_end_points, read_fill, timed_pool_size
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
@@ -235,7 +235,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
             raise _Stop(f"the teacher solved no pool sample in {state.train_from:.0f} s of the round's "
                         f"{clock.budget:.0f} s; raise phase2.max_minutes")
         while not clock.done:
-            sums: dict[str, Any] = {"loss": 0.0, "per_step": torch.zeros(len(cfg.sigmas) - 1), "grad": 0.0, "n": 0}
+            sums: dict[str, Any] = {"loss": 0.0, "per_step": torch.zeros(len(cfg.sigmas) - 1), "grad": 0.0, "n": 0,
+                                    "schedule_grad": 0.0}
             mode = "student"
             for _ in range(spec.steps_per_epoch):
                 flags = torch.tensor([0.0, float(clock.done)], device=device)
@@ -250,7 +251,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                     raise _Stop(f"non-finite loss at step {clock.step + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 parts.total.backward()
-                grad = torch.nn.utils.clip_grad_norm_(module.parameters(), spec.grad_clip)
+                grad, schedule_grad = clip_gradients(module, learned, spec.grad_clip)
                 optimizer.step()
                 clock.step += 1
                 if state.weights_from is None:  # a schedule-only start: over on any worker's word
@@ -264,7 +265,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                     learned_ema.update_parameters(learned)
                 sums["loss"] += float(parts.total.detach())
                 sums["per_step"] += parts.per_step.float().cpu()
-                sums["grad"] += float(grad)
+                sums["grad"] += grad
+                sums["schedule_grad"] += schedule_grad or 0.0
                 sums["n"] += 1
             if sums["n"] == 0:
                 break
@@ -277,6 +279,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
             metrics = {
                 "epoch": state.epoch, "step": state.step, "loss": sums["loss"] / sums["n"],
                 "per_step_loss": (sums["per_step"] / sums["n"]).tolist(), "grad_norm": sums["grad"] / sums["n"],
+                **({"schedule_grad_norm": sums["schedule_grad"] / sums["n"]} if learned is not None else {}),
                 "lr": float(optimizer.param_groups[0]["lr"]), "mode": mode,
                 "teacher_calls": _all_calls(ctx, state.teacher_calls, device),
                 "pool_size": None if fresh else pool.size * world,

@@ -31,7 +31,8 @@ class Phase2Spec(Strict):
     warmup_steps: int = Field(default=10, ge=0)
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay (0: stay near teacher)")
     ema_decay: float = Field(default=0.99, ge=0, lt=1, description="EMA decay (ramped up over the first updates)")
-    grad_clip: float = Field(default=1.0, gt=0)
+    grad_clip: float = Field(default=1.0, gt=0, description="cap on the gradient norm of the weights, and on the "
+                             "learned schedule's on its own")
     max_log_step: float = Field(default=0.5, gt=0, description="teacher RK4 sub-step bound in log sigma")
     first_max_log_step: float = Field(
         default=0.25, gt=0, description="sub-step bound of the first interval (cached per pool sample: cheap)"
