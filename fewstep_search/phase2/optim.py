@@ -100,7 +100,7 @@ def clip_gradients(module: nn.Module, schedule: nn.Module | None, cap: float) ->
 
     Why apart: the weights' norm is 5-17 on the digits model (so every step is capped at 1), the sigmas' 0.1-0.3;
     capped together the sigmas' share would vanish, and uncapped a spike (a batch near a mode boundary: the weights'
-    norm hit ~350 in one step) moved the sigmas for tens of steps and raised test E (docs/phase2.md)."""
+    norm topped 300 in one step) moved the sigmas for tens of steps and raised test E (docs/phase2.md)."""
     weights = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cap))
     sigmas = None if schedule is None else float(torch.nn.utils.clip_grad_norm_(schedule.parameters(), cap))
     return weights, sigmas
