@@ -1,11 +1,12 @@
 """Which (schedule, model) pair the loop keeps, and when it stops: decided on the keep set.
 
 Why not on select: Phase-1's winner was picked on the select trajectories among every trial, so its select E is
-biased low, while a round's select E is not (Phase-2 picks nothing on it). On the default digits run that bias
-hid a round 29% better on 1024 fresh trajectories (select E 0.1664 against Phase-1's 0.1567), and the loop kept
-the untouched pair. The keep set (`fewstep_search.bank.keep`) is fresh reference trajectories no earlier choice
-looked at; the test set stays for reporting only. With `bank.keep_trajectories = 0` there is no keep set and the
-decisions fall back to select E.
+biased low, while a round's select E is not (Phase-2 picks nothing on it); and 64 select trajectories are few
+when a student now and then sends one to another mode. On the default digits run a round 29% better on 1024
+fresh trajectories lost on select (0.1664 against Phase-1's 0.1567), mostly through one trajectory that went from
+E 0.55 to 3.71, and the loop kept the untouched pair. The keep set (`fewstep_search.bank.keep`) is fresh
+reference trajectories no earlier choice looked at, 256 by default; the test set stays for reporting only. With
+`bank.keep_trajectories = 0` there is no keep set and the decisions fall back to select E.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Why a fourth set: the loop compares Phase-1's pair (the untouched model with the search's winner) with each
 round's pair (a fine-tuned student with its schedule). Phase-1's winner was picked on the select trajectories
 among every trial, so its select E is biased low, while a round's select E is not (Phase-2 picks nothing on
-it). On the default digits bank that bias outweighed a round that was 29% better on 1024 fresh trajectories,
-and the loop kept the untouched pair. Deciding on trajectories that no earlier choice looked at removes the
-bias; the test set stays what results are reported on, never decided on.
+it). Deciding on trajectories that no earlier choice looked at removes that bias, and more of them (256 by
+default, against 64 select) damp the noise of a student's rare mode flips (`fewstep_search.best_pair`); the test
+set stays what results are reported on, never decided on.
 
 The keep trajectories are the bank plan's trajectories K..K+n-1: their start noise comes from the same seeded
 per-trajectory generator as the bank's (so they are disjoint from it and reproducible), and they are solved
