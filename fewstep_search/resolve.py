@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from fewstep_search.bank import Bank, build_bank, plan_for
+from fewstep_search.bank import Bank, BankPlan, build_bank, plan_for
 from fewstep_search.bank.keep import build_keep_set, keep_expectation
 from fewstep_search.denoiser import Denoiser, is_conditional, sigma_range
 from fewstep_search.models.source import ModelSource
 from fewstep_search.study import StudyConfig
 
 __all__ = ["resolve_device", "model_source", "resolve_range", "resolve_shape", "bank_expectation", "build_study_bank",
-           "cached_or_built_bank", "cached_or_built_keep_set"]
+           "cached_or_built_bank", "cached_or_built_keep_set", "study_plan"]
 
 
 def resolve_device(device: str) -> str:
@@ -139,72 +139,88 @@ def bank_expectation(config: StudyConfig, *, sigma_min: float, sigma_max: float,
             "store_float16": b.store_float16, "n_conditions": n_conditions}
 
 
+def study_plan(denoiser: Denoiser, config: StudyConfig, *, sigma_min: float, sigma_max: float,
+               shape: tuple[int, ...], **override: Any) -> BankPlan:
+    """The `BankPlan` of the study's bank (`override`: plan fields to change, e.g. `keep_states`)."""
+    b = config.bank
+    settings = {**b.model_dump(exclude={"dtype", "sharded", "keep_trajectories", "batch_size"}), **override}
+    return plan_for(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, dtype=b.dtype,
+                    model_id=config.model.model_id, **settings)
+
+
 def build_study_bank(denoiser: Denoiser, config: StudyConfig, *, sigma_min: float, sigma_max: float,
                      shape: tuple[int, ...], progress: bool, source: ModelSource | None = None,
                      shards: Path | None = None) -> Bank:
     """The study's bank: in this process, or (`bank.sharded`, with the model's `source` and a `shards` folder) as
     shards built by Ray tasks, resumable, and assembled here (`fewstep_search.bank_shards`)."""
     b = config.bank
-    settings = b.model_dump(exclude={"dtype", "sharded", "keep_trajectories"})
     if not b.sharded or source is None or shards is None:
         return build_bank(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
                           model_id=config.model.model_id, progress=progress, device=config.device,
-                          **settings, dtype=getattr(torch, b.dtype))
+                          **b.model_dump(exclude={"dtype", "sharded", "keep_trajectories"}),
+                          dtype=getattr(torch, b.dtype))
     from fewstep_search.bank_shards import build_bank_sharded
 
-    batch_size = settings.pop("batch_size")
-    plan = plan_for(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, dtype=b.dtype,
-                    model_id=config.model.model_id, **settings)
+    plan = study_plan(denoiser, config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape)
     return build_bank_sharded(source, plan, shards, workers=config.search.workers, address=config.search.address,
-                              device=config.device,
-                              batch_size=batch_size, progress=progress)
+                              device=config.device, batch_size=b.batch_size, progress=progress)
 
 
-def cached_or_built_bank(denoiser: Denoiser, config: StudyConfig, *, load: Callable[[dict[str, Any]], tuple[
-        Bank | None, str | None]], save: Callable[[Bank], None], sigma_min: float, sigma_max: float,
-        shape: tuple[int, ...], progress: bool, notes: list[str], source: ModelSource | None = None,
-        shards: Path | None = None) -> tuple[Bank, bool]:
+Loader = Callable[[dict[str, Any]], tuple[Bank | None, str | None]]
+"""Reads a cached bank file for an expectation: (it, None), (None, why not) or (None, None) when there is none."""
+
+
+def _cached_or_built(load: Loader, expect: dict[str, Any], build: Callable[[], Bank], save: Callable[[Bank], None],
+                     notes: list[str], what: str) -> tuple[Bank, bool]:
+    """(the cached `what`, False) when it matches `expect`, else (a new one, saved, True), with a note why the
+    cached one was not reused."""
+    found, why = load(expect)
+    if found is not None:
+        return found, False
+    if why is not None:
+        notes.append(f"the cached {what} was not reused ({why}); building a new one")
+    made = build()
+    save(made)
+    return made, True
+
+
+def _expectation(denoiser: Denoiser, config: StudyConfig, *, sigma_min: float, sigma_max: float,
+                 shape: tuple[int, ...]) -> dict[str, Any]:
+    n_cond = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
+    return bank_expectation(config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape, n_conditions=n_cond)
+
+
+def cached_or_built_bank(denoiser: Denoiser, config: StudyConfig, *, load: Loader, save: Callable[[Bank], None],
+                         sigma_min: float, sigma_max: float, shape: tuple[int, ...], progress: bool,
+                         notes: list[str], source: ModelSource | None = None,
+                         shards: Path | None = None) -> tuple[Bank, bool]:
     """(bank, built): the cached bank when it matches the study, else a new one (saved), with a note why.
 
     With `bank.sharded` the new bank is built as shards in `shards` (a killed build resumes from them) and
     the folder is removed once the assembled bank is saved."""
-    n_cond = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
-    expect = bank_expectation(config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape, n_conditions=n_cond)
-    bank, why = load(expect)
-    if bank is not None:
-        return bank, False
-    if why is not None:
-        notes.append(f"the cached bank was not reused ({why}); building a new one")
-    bank = build_study_bank(denoiser, config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape,
-                            progress=progress, source=source, shards=shards)
-    save(bank)
-    if shards is not None and config.bank.sharded:
+    expect = _expectation(denoiser, config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape)
+    bank, built = _cached_or_built(
+        load, expect, lambda: build_study_bank(denoiser, config, sigma_min=sigma_min, sigma_max=sigma_max,
+                                               shape=shape, progress=progress, source=source, shards=shards),
+        save, notes, "bank")
+    if built and shards is not None and config.bank.sharded:
         import shutil
 
         shutil.rmtree(shards, ignore_errors=True)
-    return bank, True
+    return bank, built
 
 
-def cached_or_built_keep_set(denoiser: Denoiser, config: StudyConfig, *, load: Callable[[dict[str, Any]], tuple[
-        Bank | None, str | None]], save: Callable[[Bank], None], sigma_min: float, sigma_max: float,
-        shape: tuple[int, ...], progress: bool, notes: list[str]) -> tuple[Bank | None, bool]:
+def cached_or_built_keep_set(denoiser: Denoiser, config: StudyConfig, *, load: Loader, save: Callable[[Bank], None],
+                             sigma_min: float, sigma_max: float, shape: tuple[int, ...], progress: bool,
+                             notes: list[str]) -> tuple[Bank | None, bool]:
     """(keep set, built): the loop's decision set (`fewstep_search.bank.keep`), cached like the bank; (None, False)
     with `bank.keep_trajectories = 0`."""
-    b = config.bank
-    if b.keep_trajectories == 0:
+    n = config.bank.keep_trajectories
+    if n == 0:
         return None, False
-    n_cond = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
-    expect = keep_expectation(bank_expectation(config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape,
-                                               n_conditions=n_cond), b.keep_trajectories)
-    keep, why = load(expect)
-    if keep is not None:
-        return keep, False
-    if why is not None:
-        notes.append(f"the cached keep set was not reused ({why}); solving a new one")
-    plan = plan_for(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, dtype=b.dtype,
-                    model_id=config.model.model_id, keep_states=False,
-                    **b.model_dump(exclude={"dtype", "sharded", "keep_trajectories", "batch_size", "keep_states"}))
-    keep = build_keep_set(denoiser, plan, b.keep_trajectories, device=config.device, batch_size=b.batch_size,
-                          progress=progress)
-    save(keep)
-    return keep, True
+    expect = keep_expectation(_expectation(denoiser, config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape), n)
+    plan = study_plan(denoiser, config, sigma_min=sigma_min, sigma_max=sigma_max, shape=shape, keep_states=False)
+    return _cached_or_built(load, expect, lambda: build_keep_set(denoiser, plan, n, device=config.device,
+                                                                 batch_size=config.bank.batch_size,
+                                                                 progress=progress),
+                            save, notes, "keep set")
