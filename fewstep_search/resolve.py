@@ -139,11 +139,16 @@ def bank_expectation(config: StudyConfig, *, sigma_min: float, sigma_max: float,
             "store_float16": b.store_float16, "n_conditions": n_conditions}
 
 
+_NOT_BUILD_SETTINGS = frozenset({"dtype", "sharded", "keep_trajectories"})
+"""`[bank]` keys that are not `build_bank` keyword arguments: the dtype is passed as a torch dtype, `sharded`
+picks the engine, `keep_trajectories` sizes the keep set (its own file)."""
+
+
 def study_plan(denoiser: Denoiser, config: StudyConfig, *, sigma_min: float, sigma_max: float,
                shape: tuple[int, ...], **override: Any) -> BankPlan:
     """The `BankPlan` of the study's bank (`override`: plan fields to change, e.g. `keep_states`)."""
     b = config.bank
-    settings = {**b.model_dump(exclude={"dtype", "sharded", "keep_trajectories", "batch_size"}), **override}
+    settings = {**b.model_dump(exclude=_NOT_BUILD_SETTINGS | {"batch_size"}), **override}
     return plan_for(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, dtype=b.dtype,
                     model_id=config.model.model_id, **settings)
 
@@ -157,7 +162,7 @@ def build_study_bank(denoiser: Denoiser, config: StudyConfig, *, sigma_min: floa
     if not b.sharded or source is None or shards is None:
         return build_bank(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
                           model_id=config.model.model_id, progress=progress, device=config.device,
-                          **b.model_dump(exclude={"dtype", "sharded", "keep_trajectories"}),
+                          **b.model_dump(exclude=_NOT_BUILD_SETTINGS),
                           dtype=getattr(torch, b.dtype))
     from fewstep_search.bank_shards import build_bank_sharded
 
