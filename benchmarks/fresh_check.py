@@ -40,11 +40,10 @@ from fewstep_search.models.source import ModelSource
 from fewstep_search.quality import QUALITY_SAMPLES, sample
 from fewstep_search.schedules import Schedule, make_schedule
 from fewstep_search.solvers import get_solver, reference
-from fewstep_search.study.phase2 import Phase2Spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
-ACCURATE_STEPS = Phase2Spec().end_to_end_teacher_steps or 200
+ACCURATE_STEPS = 200
 """iPNDM steps on EDM's (Karras) grid of the untouched model's accurate solve: the FD a student that matches its
 teacher tends to (Phase-2's end points are this solve)."""
 SEED_BASE = 10_000

@@ -77,7 +77,7 @@ def test_a_timed_round_records_its_pool_and_keeps_it_when_resumed(tmp_path) -> N
     assert json.loads((latest_checkpoint(out) / "state.json").read_text())["pool_size"] == size
     from fewstep_search.phase2.targets import IntervalTeacher
 
-    steps = Phase2Spec().end_to_end_teacher_steps
+    steps = first.initial["teacher_steps"]  # "auto" (the default): chosen at the round's start
     per_sample = IntervalTeacher(teacher, sched.sigmas, 1.0, "auto", end_steps=steps).end_calls_per_sample()
     assert per_sample == steps
     probe = (1 + TIMED_CALLS) * 16  # the timing probe: a warm-up call and the timed ones

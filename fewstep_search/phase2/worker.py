@@ -29,7 +29,7 @@ from fewstep_search.bank import Bank
 from fewstep_search.denoiser import ModelOutputError, bind_condition, is_conditional
 from fewstep_search.models.source import ModelSource
 from fewstep_search.phase2 import checkpoints as ck
-from fewstep_search.phase2.evaluate import student_errors, teacher_error
+from fewstep_search.phase2.evaluate import end_point_teacher, student_errors
 from fewstep_search.phase2.learned_schedule import (
     LearnedSchedule,
     restore_schedule,
@@ -145,8 +145,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     if is_conditional(teacher_den):
         counter.conditions = teacher_den.conditions  # type: ignore[attr-defined]
     teacher = IntervalTeacher(counter, cfg.sigmas, spec.max_log_step, spec.teacher_solver,
-                              first_max_log_step=spec.first_max_log_step if spec.pool_size is not None else None,
-                              end_steps=spec.end_to_end_teacher_steps)
+                              first_max_log_step=spec.first_max_log_step if spec.pool_size is not None else None)
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
     learned = LearnedSchedule(cfg.sigmas).to(device) if spec.trains_schedule else None
@@ -194,6 +193,12 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     node_weights = torch.tensor(cfg.node_weights, dtype=torch.float32, device=device)
     world = ctx.world_size
     batch = max(1, math.ceil(spec.batch_size / world))
+    if resume is None and ctx.rank == 0:
+        state.history = []
+        state.initial = _evaluate(ema.module, cfg, device)
+    if spec.end_to_end_weight > 0:  # before the pool is sized: "auto" steps set what a sample costs
+        teacher = end_point_teacher(teacher, spec.end_to_end_teacher_steps, state.initial, cfg.select, device,
+                                    ctx.any_flag)
     if state.pool_size is None:
         state.pool_size = timed_pool_size(
             spec, teacher=teacher, shape=cfg.shape, batch=batch, dtype=cfg.select.x_start.dtype, device=device,
@@ -211,11 +216,6 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     elif fill is not None:
         pool.load_cache_state(fill.cache)
     fresh = spec.pool_size is None  # no reuse: new noise every step (the plain baseline)
-    if resume is None and ctx.rank == 0:
-        state.history = []
-        state.initial = _evaluate(ema.module, cfg, device)
-        if spec.end_to_end_weight > 0:
-            state.initial.update(teacher_error(teacher, cfg.select, device))
     if fills_first and saved is None:
         solved = fill_end_points(pool, teacher, clock=clock, chunk=FILL_CHUNK_BATCHES * batch, root=root,
                                  config_key=cfg.config_key, report=ctx.rank == 0, save=ctx.world_size == 1,
