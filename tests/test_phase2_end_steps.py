@@ -54,6 +54,8 @@ def test_a_resumed_or_other_rank_worker_takes_the_recorded_or_agreed_steps_witho
     assert recorded["teacher_error"] == 0.5
     # rank > 0 has no record: it takes what the all-reduce max (rank 0's choice) says
     assert end_point_teacher(it, "auto", None, select, CPU, lambda t: t.fill_(40.0)).end_steps == 40
+    # no record anywhere (a checkpoint without its start record): the finest rung, not a 0-step solve
+    assert end_point_teacher(it, "auto", None, select, CPU, _no_agree).end_steps == END_STEP_LADDER[-1]
     # a fixed count is used as it is, and its error measured once
     initial = {"select_error": 1.0}
     assert end_point_teacher(it, 200, initial, select, CPU, _no_agree).end_steps == 200

@@ -85,7 +85,8 @@ def end_point_teacher(teacher: IntervalTeacher, spec_steps: int | str | None, in
                     break
             known = steps
             initial.update(teacher_steps=steps, teacher_error=err)
-        spec_steps = int(agree(torch.tensor([float(known or 0)], device=device))[0])
+        # no rank knows (a checkpoint without its start record): the finest rung, never a 0-step solve
+        spec_steps = int(agree(torch.tensor([float(known or 0)], device=device))[0]) or END_STEP_LADDER[-1]
     chosen = dataclasses.replace(teacher, end_steps=spec_steps)  # type: ignore[arg-type]
     if initial is not None and "teacher_error" not in initial:
         initial.update(teacher_error(chosen, select, device))
