@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
 ACCURATE_STEPS = 200
 """iPNDM steps on EDM's (Karras) grid of the untouched model's accurate solve: the FD a student that matches its
-teacher tends to (Phase-2's end points are this solve)."""
+teacher tends to (off the bank's reference by E = 0.0005 on digits; `benchmarks/rounds.py` shows the same)."""
 SEED_BASE = 10_000
 """Fresh noise: the runs use seeds 0..K for the bank and seed 0 for FD; these start far above."""
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from _blocks import markers, replace_block
+from fresh_check import ACCURATE_STEPS
 
 from fewstep_search.atomic import atomic_write_text
 from fewstep_search.models.source import ModelSource
@@ -39,8 +40,6 @@ from fewstep_search.schedules import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-ACCURATE_STEPS = 200
-"""iPNDM steps on EDM's (Karras) grid of the accurate solve whose FD the table shows: the end points' solve."""
 
 
 def study_text(minutes: float, extra: dict[str, str] | None = None) -> str:
