@@ -24,7 +24,8 @@ class Phase2Spec(Strict):
         default="wall", description="what max_minutes counts: wall time, or CPU time per torch thread (shared hosts)"
     )
     # 32 since 2026-12-06 (was 64): with the larger pool of "auto" end points, twice the steps of half the size cut
-    # 43.8% against 41.7% at N = 10 on fresh trajectories (docs/phase2.md, "A cheaper teacher, a larger pool")
+    # 43.8% against 41.7% at N = 10 on fresh trajectories in one run each; a repeat cut 35.3%, so the runs' spread
+    # is as large as the gain (docs/phase2.md, "A cheaper teacher, a larger pool")
     batch_size: int = Field(default=32, ge=1, description="samples per optimizer step (split across workers)")
     # measured side by side at N = 10 (docs/phase2.md, "Which learning rate"): 2e-5 beat 4e-5 on select E, and a
     # peak of 1e-4 (the default until the end points were solved first) made the error rise for ~100 steps
@@ -44,7 +45,8 @@ class Phase2Spec(Strict):
         "rk4_exp above sigma 1, rk4 below"
     )
     # "auto" since 2026-12-06: 60 steps instead of 200 at N = 10 on the digits model grew the pool 3.4x and cut
-    # 41.7% instead of 36.7% on fresh trajectories (docs/phase2.md, "A cheaper teacher, a larger pool")
+    # 41.7% instead of 36.7% on fresh trajectories, single runs with a spread of up to 8 points (docs/phase2.md,
+    # "A cheaper teacher, a larger pool")
     end_to_end_teacher_steps: Annotated[int, Field(ge=2)] | Literal["auto"] | None = Field(
         default="auto", description="x0* of the end-to-end term: iPNDM on a Karras grid of this many teacher "
         "calls per sample (each round logs its error against the bank's reference); auto: the cheapest of 25, "
