@@ -1,5 +1,5 @@
 """`phase2.schedule_lr`: the schedule's interior sigmas trained with the weights through the end-to-end term;
-`phase2.schedule_first_steps`: the sigmas alone first."""
+`phase2.schedule_first_steps`: the sigmas alone first; `phase2.schedule_start`: where they start."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from test_phase2_steps import _tiny_ipndm_round
 
 from fewstep_search.phase2 import checkpoints as ck
-from fewstep_search.phase2.learned_schedule import LearnedSchedule
+from fewstep_search.phase2.learned_schedule import LearnedSchedule, merged_first_step, start_sigmas
 from fewstep_search.phase2.loss import solver_chain
 from fewstep_search.phase2.optim import Clock, clip_gradients, make_optimizer, make_scheduler
 from fewstep_search.schedules import sigmas_from_logits
@@ -150,3 +150,33 @@ def test_the_weights_and_the_sigmas_are_capped_apart() -> None:
     _, spike = clip_gradients(module, learned, 1.0)
     assert spike > 100 and float(learned.logits.grad.norm()) == pytest.approx(1.0, rel=1e-5)
     assert clip_gradients(module, None, 1.0)[1] is None
+
+
+def test_merging_the_first_step_frees_its_node_for_the_widest_other_step() -> None:
+    """The first step spans Phase-1's first two; the freed node splits the widest of the other steps (in log
+    sigma) at its geometric middle; the ends and the step count stay, and the result is strictly decreasing."""
+    merged = merged_first_step(SIGMAS)
+    assert merged == pytest.approx((80.0, 2.5, 0.7, 0.2, 0.05, (0.05 * 0.002) ** 0.5, 0.002))
+    assert merged[0] == SIGMAS[0] and merged[-1] == SIGMAS[-1] and len(merged) == len(SIGMAS)
+    top_heavy = (80.0, 20.0, 10.0, 0.01, 0.002)  # the widest other step is at the top: 10 -> 0.01
+    assert merged_first_step(top_heavy) == pytest.approx((80.0, 10.0, 10.0 ** 0.5 * 0.1, 0.01, 0.002))
+    assert merged_first_step((80.0, 1.0, 0.002)) == (80.0, 1.0, 0.002)  # two steps: no other step to put it in
+    assert start_sigmas(SIGMAS, "phase1") == SIGMAS and start_sigmas(SIGMAS, "merge_first") == merged
+    with pytest.raises(ValueError, match="schedule_start"):
+        start_sigmas(SIGMAS, "middle")
+
+
+def test_a_round_with_a_merged_first_step_starts_there_and_is_its_own_round(tmp_path) -> None:
+    """The round's learned sigmas start merged (the untouched model's start E stays Phase-1's: the baseline the
+    round is scored against), its key differs from a Phase-1 start's, and a fixed schedule refuses the option."""
+    spec = Phase2Spec(max_steps=6, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
+                      pool_size=32, schedule_lr=1e-6, schedule_first_steps=0, schedule_start="merge_first")
+    res = _tiny_ipndm_round(spec, tmp_path / "merged")
+    plain = _tiny_ipndm_round(spec.model_copy(update={"schedule_start": "phase1"}), tmp_path / "plain")
+    assert res.initial["test_error"] == pytest.approx(plain.initial["test_error"])
+    phase1 = plain.history[0]["sigmas"]
+    assert res.history[0]["sigmas"] == pytest.approx(list(merged_first_step(tuple(phase1))), rel=1e-3)
+    with pytest.raises(ValueError, match="another"):
+        _tiny_ipndm_round(spec.model_copy(update={"schedule_start": "phase1"}), tmp_path / "merged")
+    with pytest.raises(ValueError, match="schedule_start"):
+        Phase2Spec(schedule_lr=0.0, schedule_start="merge_first")

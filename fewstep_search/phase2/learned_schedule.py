@@ -10,7 +10,8 @@ is differentiable in the sigmas and the same loss trains both. Measured on the d
 Parameterization: `logits` [N], the interior sigmas as shares of the log-sigma span, `softmax(logits)`, so the
 ends stay where Phase-1 put them (sigma_max, and the bank's sigma_min every E is measured at) and the sigmas stay
 strictly decreasing whatever the optimizer does (Phase-1's own `schedules.sigmas_from_logits`, each step at
-least `MIN_STEP_SHARE` of the span). It starts exactly at the Phase-1 schedule.
+least `MIN_STEP_SHARE` of the span). It starts at the Phase-1 schedule, or with its first two steps merged into
+one (`phase2.schedule_start`, `merged_first_step`).
 
 Two things make where the sigmas land reliable (docs/phase2.md, "The schedule first, and its EMA"): the round's
 first optimizer steps train the sigmas alone (`phase2.schedule_first_steps`; from step 0 the weights adapt to
@@ -29,7 +30,8 @@ from torch.optim.swa_utils import AveragedModel
 from fewstep_search.schedules import logits_from_sigmas, sigmas_from_logits
 
 __all__ = [
-    "LearnedSchedule", "SCHEDULE_FIRST_SHARE", "restore_schedule", "schedule_checkpoint", "schedule_only_over",
+    "LearnedSchedule", "merged_first_step", "start_sigmas",
+    "SCHEDULE_FIRST_SHARE", "restore_schedule", "schedule_checkpoint", "schedule_only_over",
 ]
 
 
@@ -57,6 +59,35 @@ class LearnedSchedule(nn.Module):
         with torch.no_grad():
             inner = tuple(float(v) for v in self()[1:-1])
         return (self.ends[0], *inner, self.ends[1])
+
+
+def merged_first_step(sigmas: tuple[float, ...]) -> tuple[float, ...]:
+    """`sigmas` with the first two steps merged into one and the node freed put into the widest remaining step
+    (in log sigma, the first step left out), at its geometric middle; unchanged below 3 steps (no other step).
+
+    Why: at sigma_max the input is almost all noise, so an untouched denoiser's output there is close to the data
+    mean and its first step must stay short to be accurate; Phase-1 sizes the schedule for that model. A student
+    trained end to end learns the teacher's map from that noise, which is smooth at high noise, so it can take a
+    far longer first step and spend the node lower down. Trained from Phase-1's sigmas, the top node rarely gets
+    there: the untouched model is indifferent to where it sits (its gradient is noise), and once the weights
+    adapt to it the pair is a local optimum (docs/phase2.md, "A longer first step")."""
+    if len(sigmas) < 4:
+        return tuple(sigmas)
+    rest = [sigmas[0], *sigmas[2:]]
+    logs = torch.tensor(rest[1:], dtype=torch.float64).log()
+    widest = int(torch.argmax(logs[:-1] - logs[1:]))  # the step from rest[widest + 1] to rest[widest + 2]
+    middle = float((logs[widest] + logs[widest + 1]).div(2).exp())
+    return (*rest[: widest + 2], middle, *rest[widest + 2:])
+
+
+def start_sigmas(sigmas: tuple[float, ...], start: str) -> tuple[float, ...]:
+    """Where a round's learned schedule starts (`phase2.schedule_start`): Phase-1's sigmas (`"phase1"`) or those
+    with the first step merged (`"merge_first"`)."""
+    if start == "phase1":
+        return tuple(sigmas)
+    if start == "merge_first":
+        return merged_first_step(sigmas)
+    raise ValueError(f"unknown schedule_start {start!r}: phase1 or merge_first")
 
 
 SCHEDULE_FIRST_SHARE = 0.25

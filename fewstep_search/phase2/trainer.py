@@ -71,6 +71,8 @@ def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float,
         del budget_free["path_weight"]  # rounds without the path term keep their keys
     if not spec.cpu_autocast:
         del budget_free["cpu_autocast"]  # the default: earlier rounds keep their keys
+    if not spec.trains_schedule or spec.schedule_start == "phase1":
+        del budget_free["schedule_start"]  # Phase-1's sigmas: rounds from before the option keep their keys
     if not spec.trains_schedule:
         del budget_free["schedule_lr"]  # a fixed schedule: rounds from before the option keep their keys
     if spec.weights_wait == 0:

@@ -35,6 +35,7 @@ from fewstep_search.phase2.learned_schedule import (
     restore_schedule,
     schedule_checkpoint,
     schedule_only_over,
+    start_sigmas,
 )
 from fewstep_search.phase2.loss import (
     LossParts,
@@ -148,7 +149,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                               first_max_log_step=spec.first_max_log_step if spec.pool_size is not None else None)
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
-    learned = LearnedSchedule(cfg.sigmas).to(device) if spec.trains_schedule else None
+    start = start_sigmas(cfg.sigmas, spec.schedule_start)
+    learned = LearnedSchedule(start).to(device) if spec.trains_schedule else None
     # the sigmas' own EMA, the one evaluated and returned: the pair is (EMA weights, EMA sigmas)
     learned_ema = None if learned is None else make_ema(learned, decay=spec.ema_decay)
     optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay, schedule=learned,

@@ -98,6 +98,15 @@ class Phase2Spec(Strict):
         "train only the sigmas (the weights' rate is 0 and their warm-up starts after them; at most a quarter of "
         "the round's training), so the schedule settles where it suits the model before the weights adapt to it"
     )
+    # 2026-12-06: at N = 10 on the digits model, from the strongest Phase-1 pick, starting the sigmas with a long
+    # first step cut 50.5-51.6% on fresh trajectories in three runs against 39.3% from Phase-1's (same pool);
+    # at N = 4 the sigmas moved back up and the cut held (58.3% against 57.0%; docs/phase2.md)
+    schedule_start: Literal["phase1", "merge_first"] = Field(
+        default="merge_first", description="with a trained schedule: where its sigmas start; merge_first: "
+        "Phase-1's pick with its first two steps merged into one and the node freed put into the widest other "
+        "step (a student learns a long first step from the noise, which the untouched model cannot take); "
+        "phase1: Phase-1's pick as it is"
+    )
     per_step_weight: float = Field(
         default=0.0, ge=0, description="weight of the per-step loss (1 with end_to_end_weight = 0: the per-step "
         "loss alone, the default before the end-to-end term measured better; docs/phase2.md)"
@@ -147,6 +156,11 @@ class Phase2Spec(Strict):
         ):
             raise ValueError("schedule_first_steps trains the schedule alone first; it needs a trained schedule "
                              "(schedule_lr > 0 with the end-to-end term alone)")
+        if "schedule_start" in self.model_fields_set and self.schedule_start != "phase1" and (
+            not self.trains_schedule
+        ):
+            raise ValueError(f"schedule_start = {self.schedule_start!r} starts a trained schedule; it needs "
+                             "schedule_lr > 0 with the end-to-end term alone")
         if self.workers > 1 and self.end_to_end_weight > 0 and self.per_step_weight > 0:
             raise ValueError("end_to_end_weight beside the per-step loss needs workers = 1 (DDP allows one forward "
                              "per backward; per_step_weight = 0, the end-to-end term alone, runs on several)")
