@@ -8,7 +8,7 @@ import torch
 from test_phase2_steps import _tiny_ipndm_round
 
 from fewstep_search.phase2 import checkpoints as ck
-from fewstep_search.phase2.learned_schedule import LearnedSchedule, merged_first_step, start_sigmas
+from fewstep_search.phase2.learned_schedule import LearnedSchedule, merged_first_step, round_start, start_sigmas
 from fewstep_search.phase2.loss import solver_chain
 from fewstep_search.phase2.optim import Clock, clip_gradients, make_optimizer, make_scheduler
 from fewstep_search.schedules import sigmas_from_logits
@@ -164,6 +164,9 @@ def test_merging_the_first_step_frees_its_node_for_the_widest_other_step() -> No
     assert start_sigmas(SIGMAS, "phase1") == SIGMAS and start_sigmas(SIGMAS, "merge_first") == merged
     with pytest.raises(ValueError, match="schedule_start"):
         start_sigmas(SIGMAS, "middle")
+    # a student of an earlier round starts from its own Phase-1 pick: merging again would take another step off the top
+    assert round_start(SIGMAS, "merge_first", fine_tuned=False) == merged
+    assert round_start(SIGMAS, "merge_first", fine_tuned=True) == SIGMAS
 
 
 def test_a_round_with_a_merged_first_step_starts_there_and_is_its_own_round(tmp_path) -> None:

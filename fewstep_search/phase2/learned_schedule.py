@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 from fewstep_search.schedules import logits_from_sigmas, sigmas_from_logits
 
 __all__ = [
-    "LearnedSchedule", "merged_first_step", "start_sigmas",
+    "LearnedSchedule", "merged_first_step", "round_start", "start_sigmas",
     "SCHEDULE_FIRST_SHARE", "restore_schedule", "schedule_checkpoint", "schedule_only_over",
 ]
 
@@ -88,6 +88,13 @@ def start_sigmas(sigmas: tuple[float, ...], start: str) -> tuple[float, ...]:
     if start == "merge_first":
         return merged_first_step(sigmas)
     raise ValueError(f"unknown schedule_start {start!r}: phase1 or merge_first")
+
+
+def round_start(sigmas: tuple[float, ...], start: str, fine_tuned: bool) -> tuple[float, ...]:
+    """Where a round's learned schedule starts: `start_sigmas` for a model that has not been fine-tuned yet, and
+    Phase-1's pick as it is for a student of an earlier round, whose own Phase-1 search already sees the long
+    first step it learned (merging again would take a second step off the top each round)."""
+    return tuple(sigmas) if fine_tuned else start_sigmas(sigmas, start)
 
 
 SCHEDULE_FIRST_SHARE = 0.25

@@ -32,6 +32,7 @@ from fewstep_search.denoiser import is_conditional
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.objectives import check_endpoints
 from fewstep_search.phase2 import checkpoints as ck
+from fewstep_search.phase2.learned_schedule import round_start
 from fewstep_search.phase2.loss import rms_gain, step_weights
 from fewstep_search.phase2.pool import untimed_pool_size
 from fewstep_search.phase2.pool_fill import FILL_FILE, FILL_PROGRESS, read_fill_progress
@@ -141,6 +142,7 @@ def fine_tune(
         select=eval_bank(bank.select()), test=eval_bank(bank.test()), shape=bank.shape, spec=spec,
         out_dir=str(root), device=device, resume_from=None if latest is None else str(latest), config_key=key,
         n_conditions=len(den.conditions) if is_conditional(den) else 0, solver=solver,
+        start_sigmas=round_start(sigmas, spec.schedule_start, fine_tuned=student.model_id != teacher.model_id),
     )
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

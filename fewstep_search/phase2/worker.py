@@ -35,7 +35,6 @@ from fewstep_search.phase2.learned_schedule import (
     restore_schedule,
     schedule_checkpoint,
     schedule_only_over,
-    start_sigmas,
 )
 from fewstep_search.phase2.loss import (
     LossParts,
@@ -77,6 +76,8 @@ class WorkerConfig:
     solver: str = "ddim"
     node_weights: tuple[float, ...] = ()
     """phi at the schedule's interior nodes (the path term's weights; from the bank, like `weights`)."""
+    start_sigmas: tuple[float, ...] = ()
+    """Where a trained schedule starts (`learned_schedule.round_start`); empty: `sigmas`."""
 
 
 class WorkerContext(Protocol):
@@ -149,8 +150,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                               first_max_log_step=spec.first_max_log_step if spec.pool_size is not None else None)
     student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
     ema = make_ema(module, decay=spec.ema_decay)
-    start = start_sigmas(cfg.sigmas, spec.schedule_start)
-    learned = LearnedSchedule(start).to(device) if spec.trains_schedule else None
+    learned = LearnedSchedule(cfg.start_sigmas or cfg.sigmas).to(device) if spec.trains_schedule else None
     # the sigmas' own EMA, the one evaluated and returned: the pair is (EMA weights, EMA sigmas)
     learned_ema = None if learned is None else make_ema(learned, decay=spec.ema_decay)
     optimizer = make_optimizer(module, lr=spec.lr, weight_decay=spec.weight_decay, schedule=learned,

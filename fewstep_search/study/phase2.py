@@ -104,8 +104,8 @@ class Phase2Spec(Strict):
     schedule_start: Literal["phase1", "merge_first"] = Field(
         default="merge_first", description="with a trained schedule: where its sigmas start; merge_first: "
         "Phase-1's pick with its first two steps merged into one and the node freed put into the widest other "
-        "step (a student learns a long first step from the noise, which the untouched model cannot take); "
-        "phase1: Phase-1's pick as it is"
+        "step (a student learns a long first step from the noise, which the untouched model cannot take; round 1 "
+        "only: a later round's student already takes it); phase1: Phase-1's pick as it is"
     )
     per_step_weight: float = Field(
         default=0.0, ge=0, description="weight of the per-step loss (1 with end_to_end_weight = 0: the per-step "
