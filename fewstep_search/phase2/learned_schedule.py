@@ -69,8 +69,8 @@ def merged_first_step(sigmas: tuple[float, ...]) -> tuple[float, ...]:
     mean and its first step must stay short to be accurate; Phase-1 sizes the schedule for that model. A student
     trained end to end learns the teacher's map from that noise, which is smooth at high noise, so it can take a
     far longer first step and spend the node lower down. Trained from Phase-1's sigmas, the top node rarely gets
-    there: the untouched model is indifferent to where it sits (its gradient is noise), and once the weights
-    adapt to it the pair is a local optimum (docs/phase2.md, "A longer first step")."""
+    there: the untouched model is nearly indifferent to where it sits (its gradient is mostly noise), and once
+    the weights adapt to it the pair is a local optimum (docs/phase2.md, "A longer first step")."""
     if len(sigmas) < 4:
         return tuple(sigmas)
     rest = [sigmas[0], *sigmas[2:]]
