@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-__all__ = ["ray_session", "quiet_ray"]
+__all__ = ["ray_session", "quiet_ray", "LOOPBACK_ENV"]
 
 _QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",  # the legacy reporter is silent at verbose=0; the new one prints a config box
@@ -23,6 +23,31 @@ _QUIET_ENV = {
     "RAY_DEDUP_LOGS": "1",
 }
 _LOGGERS = ("ray.tune", "ray.train", "ray.air")
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for a single-machine node: off, Ray takes the loopback address as the node's IP, and then its
+GCS, raylet, workers and agents listen on 127.0.0.1 only. By default Linux Ray takes the machine's routable
+address and its gRPC servers listen on every interface: an unauthenticated GCS that anyone who reaches the
+machine can use to run code as the user. tests/test_ray_loopback.py lists the sockets to keep this true."""
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make the next `ray.init` start a node on 127.0.0.1: the environment switch (for the processes Ray spawns)
+    and the constant Ray read from it when it was imported (for this process), both put back afterwards."""
+    from ray._private import ray_constants
+
+    had_env, had_const = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = had_const
+        if had_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = had_env
 
 
 @contextlib.contextmanager
@@ -70,7 +95,8 @@ def _start_watchdog() -> None:
 def ray_session(*, workers: int | None = None, address: str | None = None, gpus: int | None = None) -> Iterator[bool]:
     """Use a running Ray, attach to `address`, or start a local one with `workers` CPUs; stop only our own.
 
-    Yields whether this call started Ray. The local Ray binds nothing beyond 127.0.0.1 and starts no dashboard.
+    Yields whether this call started Ray. The local Ray listens on 127.0.0.1 only (`LOOPBACK_ENV`) and starts no
+    dashboard; attaching to `address` (a cluster the user started) leaves its addresses as the user chose them.
     """
     import ray
 
@@ -80,8 +106,9 @@ def ray_session(*, workers: int | None = None, address: str | None = None, gpus:
             if address is not None:
                 ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
             else:
-                ray.init(num_cpus=workers, num_gpus=gpus, include_dashboard=False, logging_level=logging.ERROR,
-                         log_to_driver=False, configure_logging=True)
+                with _loopback_only():
+                    ray.init(num_cpus=workers, num_gpus=gpus, include_dashboard=False, logging_level=logging.ERROR,
+                             log_to_driver=False, configure_logging=True)
                 _start_watchdog()
             started = True
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import threading
 import time
@@ -281,13 +280,10 @@ def _run_ray(cfg: WorkerConfig, spec: Phase2Spec, device: str) -> dict[str, Any]
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from fewstep_search.ray_runtime import ray_session
+
     use_gpu = torch.device(device).type == "cuda"
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(spec.workers, os.cpu_count() or 1), include_dashboard=False,
-                 logging_level=logging.ERROR, log_to_driver=False)
-        started = True
-    try:
+    with ray_session(workers=max(spec.workers, os.cpu_count() or 1)):
         cpus = spec.cpus_per_worker or max(1, int(ray.available_resources().get("CPU", 1)) // spec.workers)
         trainer = TorchTrainer(
             _ray_loop,
@@ -305,9 +301,6 @@ def _run_ray(cfg: WorkerConfig, spec: Phase2Spec, device: str) -> dict[str, Any]
         (Path(cfg.out_dir).resolve() / ck.CHECKPOINTS / RAY_SNAPSHOT).unlink(missing_ok=True)
         trainer.fit()
         return _load_summary(Path(cfg.out_dir))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ------------------------------------------------------------------ progress
