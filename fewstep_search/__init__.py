@@ -22,6 +22,7 @@ __all__ = [
     "karras",
     "make_schedule",
     "get_solver",
+    "sample",
     "Denoiser",
 ]
 
@@ -35,6 +36,7 @@ _EXPORTS = {
     "optimize_schedule": "fewstep_search.phase1.optimize",
     "search_schedules": "fewstep_search.phase1.optimize",
     "get_solver": "fewstep_search.solvers",
+    "sample": "fewstep_search.solvers",
     "Denoiser": "fewstep_search.denoiser",
     "ModelSource": "fewstep_search.models.source",
 }
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     from fewstep_search.models.source import ModelSource
     from fewstep_search.phase1.optimize import optimize_schedule, search_schedules
     from fewstep_search.schedules import Schedule, karras, make_schedule
-    from fewstep_search.solvers import get_solver
+    from fewstep_search.solvers import get_solver, sample
 
 
 def __getattr__(name: str) -> Any:

@@ -262,7 +262,7 @@ class _Run:
 
 
 def _schedule_of(row: Mapping[str, Any]) -> Schedule:
-    return Schedule(row["sigmas"], name=str(row.get("name", "schedule")))
+    return Schedule(row["sigmas"], name=str(row.get("name", "schedule")), solver=str(row.get("solver", "ddim")))
 
 
 def _phase2_pick(phase1: Mapping[str, Any], train_for: str = "first_order") -> Mapping[str, Any]:

@@ -12,7 +12,9 @@ is a sum over intervals, its minimum over schedules on the bank grid is a dynami
 interpolated linearly in log sigma and each integral done by Gauss-Legendre quadrature in log sigma.
 
 `true_error` is the quantity that matters: `E(s) = mean_k ||Solve_s(x_N^k) - x0*^k||`, N network evaluations per
-trajectory, differentiable through the solver (LD3).
+trajectory, differentiable through the solver (LD3). The solve is the sampler users run (its last step into 0,
+`fewstep_search.solvers.sampling_sigmas`) and x0* the bank's clean end point x*(0), so E is the error of the
+exported sampler.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from fewstep_search.bank import Bank
 from fewstep_search.denoiser import Denoiser, bind_condition
-from fewstep_search.solvers import get_solver
+from fewstep_search.solvers import get_solver, sampling_sigmas
 
 __all__ = [
     "BoundKind",
@@ -135,8 +137,8 @@ def bound(bank: Bank, sigmas: Tensor, kind: BoundKind = "bw", *, quad_points: in
 def check_endpoints(bank: Bank, sigmas: Tensor) -> None:
     """ValueError unless `sigmas` starts at the bank's sigma_max and ends at its sigma_min (or at 0).
 
-    The trajectories start at sigma_max (a schedule that starts elsewhere solves another problem) and the
-    reference end points are at sigma_min; a final 0 is an export's last step, which lands on D(x_1, sigma_1).
+    The trajectories start at sigma_max (a schedule that starts elsewhere solves another problem); the last node is
+    the schedule's sigma_min, or the 0 that replaces it when sampled (the two are scored the same).
     """
     first, last = float(sigmas[0].detach()), float(sigmas[-1].detach())
     if abs(first - bank.sigma_max) > 1e-9 * bank.sigma_max:
@@ -150,10 +152,10 @@ def _has_trainable_weights(denoiser: object) -> bool:
 
 
 def _chunk_error_sum(denoiser: Denoiser, bank: Bank, solve, sigmas: Tensor, lo: int, hi: int) -> Tensor:
-    """sum_k ||Solve_s(x_N^k) - x0*^k|| over trajectories lo:hi, in float64."""
+    """sum_k ||Solve_s(x_N^k) - x0*^k|| over trajectories lo:hi, in float64, the last step into 0."""
     x = bank.x_start[lo:hi]
     den = bind_condition(denoiser, None if bank.cond is None else bank.cond[lo:hi])
-    out = solve(den, x, sigmas.to(device=x.device, dtype=x.dtype))
+    out = solve(den, x, sampling_sigmas(sigmas.to(device=x.device, dtype=x.dtype)))
     return (out - bank.x_end[lo:hi].to(out)).flatten(1).norm(dim=1).double().sum()
 
 
@@ -200,7 +202,8 @@ def true_error(
 ) -> Tensor:
     """E(s) = mean_k ||Solve_s(x_N^k) - x0*^k|| over the bank's trajectories, differentiable in `sigmas`.
 
-    `sigmas` must start at the bank's sigma_max (the trajectories start there) and end at its sigma_min.
+    `sigmas` must start at the bank's sigma_max (the trajectories start there) and end at its sigma_min (or 0);
+    the solve runs them with the last replaced by 0, the sampler every export gives (`sampling_sigmas`).
     Computed in the bank's dtype on the bank's device; batches of `batch_size` trajectories bound the memory,
     of the backward pass too: with more than one batch, a model without trainable weights and `sigmas` that
     need a gradient, the backward re-solves one batch at a time (`_ChunkedTrueError`). A model whose weights

@@ -2,7 +2,7 @@
 
 A schedule is `sigma_max = sigma_N > ... > sigma_1 > sigma_0 = sigma_min` (DESIGN.md section 1), stored as a
 descending float64 array of `nfe + 1` values; a first-order solver spends one network evaluation per interval.
-Exports replace sigma_min by 0, so a sampler makes exactly `nfe` calls (`fewstep_search.export.export_sigmas`).
+Samplers run it with sigma_min replaced by 0 (`fewstep_search.solvers.sampling_sigmas`), so exactly `nfe` calls.
 
 Every optimizer moves one shared parameterization, the softmax-logit form in log sigma
 (`sigmas_from_logits` / `logits_from_sigmas`): N logits -> N positive log-sigma decrements that sum to
@@ -31,6 +31,7 @@ from fewstep_search.noise import ContinuousVP, DiscreteVP, cosine_alpha_bar
 
 __all__ = [
     "Schedule",
+    "MODEL_FAMILIES",
     "karras",
     "log_uniform",
     "polyexponential",
@@ -63,17 +64,30 @@ def check_range(nfe: int, sigma_min: float, sigma_max: float) -> None:
         raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min} >= sigma_max={sigma_max}")
 
 
+MODEL_FAMILIES = ("edm", "vp", "flow")
+"""The coordinates a model's sampler works in: EDM sigma, a VP (DDPM) model's timesteps, a flow model's t."""
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """Descending float64 noise levels visited by a sampler: first sigma_max, last sigma_min (both > 0).
 
-    Immutable: the array is copied and made read-only, so a schedule can be shared and hashed by value.
+    A result is the sigmas together with the solver they were searched (and trained) for and the family of the
+    model, so the schedule carries both: `solver` (a `fewstep_search.solvers.SOLVERS` name) and `family`
+    (`MODEL_FAMILIES`). Equality and hashing look at the sigmas only. Immutable: the array is copied and made
+    read-only, so a schedule can be shared and hashed by value.
     """
 
     sigmas: np.ndarray
     name: str = field(default="custom", compare=False)
+    solver: str = field(default="ddim", compare=False)
+    family: str = field(default="edm", compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.solver, str) or not self.solver:
+            raise ValueError(f"a schedule's solver must be a solver name, got {self.solver!r}")
+        if self.family not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
         arr = np.array(self.sigmas, dtype=np.float64, copy=True).reshape(-1)
         if arr.size < 2:
             raise ValueError(f"a schedule needs at least 2 sigmas, got {arr.size}")
@@ -142,13 +156,16 @@ class Schedule:
         return np.asarray(vp.t(self.sigmas), dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "nfe": self.nfe, "sigmas": [float(s) for s in self.sigmas]}
+        return {"name": self.name, "nfe": self.nfe, "sigmas": [float(s) for s in self.sigmas],
+                "solver": self.solver, "family": self.family}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Schedule:
+        """The inverse of `to_dict`; a JSON object without `solver` / `family` (an older run) means DDIM, EDM."""
         if not isinstance(data, dict) or "sigmas" not in data:
             raise ValueError("a schedule JSON object needs a 'sigmas' list")
-        sched = cls(np.asarray(data["sigmas"], dtype=np.float64), name=str(data.get("name", "custom")))
+        sched = cls(np.asarray(data["sigmas"], dtype=np.float64), name=str(data.get("name", "custom")),
+                    solver=str(data.get("solver", "ddim")), family=str(data.get("family", "edm")))
         if "nfe" in data and int(data["nfe"]) != sched.nfe:
             raise ValueError(f"schedule JSON says nfe={data['nfe']} but has {sched.nfe + 1} sigmas")
         return sched
@@ -158,7 +175,7 @@ class Schedule:
 
     def __repr__(self) -> str:
         vals = ", ".join(f"{s:.4g}" for s in self.sigmas)
-        return f"Schedule({self.name}, nfe={self.nfe}, sigmas=[{vals}])"
+        return f"Schedule({self.name}, nfe={self.nfe}, solver={self.solver}, family={self.family}, sigmas=[{vals}])"
 
 
 # ---------------------------------------------------------------- families

@@ -1,9 +1,16 @@
 """Probability-flow ODE solvers with one signature: `solve(denoiser, x, sigmas, *, callback=None) -> Tensor`.
 
-ODE (DESIGN.md section 1): `dx/dsigma = (x - D(x, sigma)) / sigma`. `sigmas` is a descending 1-D tensor; a solver
-returns the state at the last sigma (append 0.0 to end on a clean sample; the step into 0 is a plain denoiser
-call). Arithmetic follows x's dtype; sigmas stay tensors, so every solver is differentiable with respect to the
-schedule (the LD3-style true-error objective relies on that).
+ODE: `dx/dsigma = (x - D(x, sigma)) / sigma`. `sigmas` is a descending 1-D tensor; a solver returns the state at
+the last sigma, and a last sigma of 0 makes the last step a plain denoiser call.
+
+**The last step.** A schedule's nodes run from sigma_max down to sigma_min > 0, but the sampler that is scored,
+trained and exported runs them with sigma_min replaced by 0 (`sampling_sigmas`): the last step lands on
+`D(x_1, sigma_1)`, as k-diffusion's and diffusers' samplers end, and N steps cost exactly N model calls. `sample`
+is that sampler; the true error, Phase-2's chains and every export go through `sampling_sigmas`, so the E a run
+reports is the E of the sampler a user runs.
+
+Arithmetic follows x's dtype; sigmas stay tensors, so every solver is differentiable with respect to the schedule
+(the LD3-style true-error objective relies on that).
 
 `callback`, when given, is called after every network evaluation with a dict `{"i", "x", "sigma", "denoised"}`
 (the state the model saw, its sigma, and its output), the k-diffusion convention.
@@ -14,7 +21,7 @@ Solvers live in `SOLVERS` (name -> function); `get_solver(name)` looks one up wi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -34,6 +41,8 @@ __all__ = [
     "rk4_interval",
     "substeps_for",
     "nfe_of",
+    "sampling_sigmas",
+    "sample",
 ]
 
 Callback = Callable[[dict[str, Any]], None] | None
@@ -41,6 +50,17 @@ Callback = Callable[[dict[str, Any]], None] | None
 
 class Solver(Protocol):
     def __call__(self, denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = None) -> Tensor: ...
+
+
+def sampling_sigmas(sigmas: Tensor | Sequence[Any]) -> Any:
+    """The nodes a sampler runs for a schedule: the same with the last (sigma_min) replaced by 0.
+
+    A tensor stays a tensor (differentiable in the other nodes); a sequence (floats, or 0-dim tensors of a
+    learned schedule) becomes a tuple. The one place the project's last-step convention is written.
+    """
+    if isinstance(sigmas, Tensor):
+        return torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
+    return (*tuple(sigmas)[:-1], 0.0)
 
 
 def _check_sigmas(sigmas: Tensor) -> None:
@@ -240,3 +260,30 @@ def ipndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback =
 SOLVERS["ipndm"] = ipndm
 _NFE_PER_STEP["ipndm"] = 1
 __all__.append("ipndm")
+
+
+def sample(
+    denoiser: Denoiser,
+    schedule: Any,
+    noise: Tensor,
+    *,
+    solver: str | None = None,
+    callback: Callback = None,
+) -> Tensor:
+    """Sample with a result: `solver` (default: the schedule's own) on the schedule's nodes, last step into 0.
+
+    `schedule` is a `fewstep_search.Schedule` (or a descending sigma tensor ending at sigma_min); `noise` is
+    standard normal [B, *shape] and the start is `sigma_max * noise`. This is the sampler every score, Phase-2
+    chain and export of the project runs (`sampling_sigmas`), so its output from the same noise is what the
+    exported scheduler gives, to float round-off.
+
+    Example:
+        >>> import torch
+        >>> from fewstep_search import karras, sample
+        >>> x0 = sample(lambda x, s: 0.5 * x, karras(4, 0.002, 80.0), torch.randn(2, 3))
+    """
+    sigmas = schedule if isinstance(schedule, Tensor) else schedule.tensor()
+    name = solver if solver is not None else getattr(schedule, "solver", "ddim")
+    wide = torch.float32 if noise.device.type == "mps" else torch.float64
+    sigmas = sigmas.to(device=noise.device, dtype=wide)
+    return get_solver(name)(denoiser, float(sigmas[0]) * noise, sampling_sigmas(sigmas), callback=callback)

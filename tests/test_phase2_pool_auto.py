@@ -79,7 +79,7 @@ def test_a_timed_round_records_its_pool_and_keeps_it_when_resumed(tmp_path) -> N
 
     steps = first.initial["teacher_steps"]  # "auto" (the default): chosen at the round's start
     per_sample = IntervalTeacher(teacher, sched.sigmas, 1.0, "auto", end_steps=steps).end_calls_per_sample()
-    assert per_sample == steps
+    assert per_sample == steps + 1  # the fine solve and the step into 0
     probe = (1 + TIMED_CALLS) * 16  # the timing probe: a warm-up call and the timed ones
     assert first.teacher_calls <= size * per_sample + probe  # each pool sample solved once
     # a killed round: the result is gone, the epochs stay; the rerun continues with the recorded pool

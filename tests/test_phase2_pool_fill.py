@@ -60,7 +60,8 @@ def test_every_end_point_is_solved_before_the_first_step_and_only_once(setup, tm
     res = _run(setup, tmp_path)
     epochs = read_epochs(tmp_path)
     # the first epoch's 3 steps draw 48 samples; the whole pool was solved before them
-    assert epochs[0]["teacher_calls"] == POOL * END_STEPS == epochs[-1]["teacher_calls"] == res.teacher_calls
+    per_sample = END_STEPS + 1  # the fine solve and the step into 0
+    assert epochs[0]["teacher_calls"] == POOL * per_sample == epochs[-1]["teacher_calls"] == res.teacher_calls
     assert 0 < res.train_from <= res.seconds
     assert not (tmp_path / pool_fill.FILL_FILE).exists() and not (tmp_path / pool_fill.FILL_PROGRESS).exists()
 
@@ -87,7 +88,7 @@ def test_a_fill_cut_short_resumes_with_what_it_solved(setup, tmp_path, monkeypat
     assert pool_fill.read_fill(tmp_path / "cut", "another round") is None
     monkeypatch.setattr(NoisePool, "end_points", real)
     resumed = _run(setup, tmp_path / "cut")
-    assert resumed.teacher_calls == (POOL - sum(calls[:2])) * END_STEPS  # only the unsolved ones
+    assert resumed.teacher_calls == (POOL - sum(calls[:2])) * (END_STEPS + 1)  # only the unsolved ones
     assert resumed.train_from >= saved.seconds
     a, b = load_file(str(whole.checkpoint)), load_file(str(resumed.checkpoint))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -55,7 +55,7 @@ def test_an_ipndm_round_trains_for_ipndm_and_its_weights_carry_the_ab_factor(tmp
                       grid_size=24, dtype=torch.float32, probes=1, model_id="tiny")
     sched = make_schedule("vp_time_quadratic", 4, SIGMA_MIN, SIGMA_MAX)
     w_ddim, w_ipndm = step_weights(bank, sched.tensor()), step_weights(bank, sched.tensor(), "ipndm")
-    a0 = torch.tensor([1.0, 1.5, 23 / 12, 55 / 24], dtype=torch.float64)
+    a0 = torch.tensor([1.0, 1.5, 23 / 12, 1.0], dtype=torch.float64)  # the last step lands on D: gain 1 for both
     torch.testing.assert_close(w_ipndm, w_ddim * a0.square())
     src = ModelSource.of(teacher)
     spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
@@ -99,7 +99,7 @@ def test_the_end_to_end_term_alone_trains_ipndm_with_one_teacher_solve_per_pool_
     assert res.stopped_reason is None
     assert res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
     assert res.initial["teacher_error"] <= 0.1 * res.initial["select_error"]  # "auto": the targets are far closer
-    solve = res.initial["teacher_steps"]  # iPNDM calls per sample of the teacher's end point, chosen by "auto"
+    solve = res.initial["teacher_steps"] + 1  # calls per sample of the teacher's end point: "auto"'s, and into 0
     assert res.teacher_calls == 32 * solve  # 24 steps x 16 samples = 12 passes over the pool: solved once each
     with pytest.raises(ValueError, match="train on nothing"):
         Phase2Spec(end_to_end_weight=0.0)  # the default per_step_weight is 0
@@ -115,7 +115,7 @@ def test_the_path_term_trains_beside_the_end_to_end_term_from_one_teacher_solve_
     res = _tiny_ipndm_round(spec, tmp_path / "path")
     assert res.stopped_reason is None
     assert res.history[-1]["test_error"] < 0.9 * res.initial["test_error"]
-    assert res.teacher_calls == 32 * (res.initial["teacher_steps"] + 3)  # 3 interior nodes at N = 4
+    assert res.teacher_calls == 32 * (res.initial["teacher_steps"] + 3 + 1)  # 3 interior nodes at N = 4, into 0
     with pytest.raises(ValueError, match="needs end_to_end_weight"):
         Phase2Spec(path_weight=1.0, end_to_end_weight=0.0, per_step_weight=1.0)
 

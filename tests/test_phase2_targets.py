@@ -140,9 +140,11 @@ def test_rms_gain_interpolates_the_mean_square_in_log_sigma() -> None:
 def test_step_weights_are_the_propagated_interval_weights(bank8: Bank) -> None:
     sig = make_schedule("edm", 5, bank8.sigma_min, bank8.sigma_max).tensor()
     w = step_weights(bank8, sig)
-    r = sig[1:] / sig[:-1]
-    assert w.shape == (5,) and torch.all(w > 0)
+    run = torch.cat([sig[:-1], sig.new_zeros(1)])  # the sampler's nodes: the last step goes into 0
+    r = run[1:] / run[:-1]
+    assert w.shape == (5,) and torch.all(w > 0) and float(r[-1]) == 0.0
     assert torch.allclose(w, (rms_gain(bank8, sig[1:]) * (1 - r)) ** 2)
+    assert float(w[-1]) == pytest.approx(1.0, rel=1e-6)  # into 0 the output is the sample: gain 1, phi 1
     assert math.isclose(float(rms_gain(bank8, sig[-1:])), 1.0, rel_tol=1e-6)  # phi = 1 at sigma_min
 
 
@@ -183,12 +185,14 @@ def test_the_batched_student_state_loss_equals_the_sequential_one(tiny: torch.nn
 
 
 def test_the_end_point_solve_converges_to_the_accurate_interval_solve() -> None:
-    """iPNDM on the fine grid (the end-to-end term's x0*) approaches the bounded-step RK4 solve as it refines."""
+    """iPNDM on the fine grid (the end-to-end term's x0*) approaches the bounded-step RK4 solve, followed by the
+    same step into 0 (x*(0) = D(x*(sigma_min), sigma_min)), as it refines."""
     from fewstep_search.phase2.targets import end_point, fine_grid
 
     den = make_tiny(seed=5)
     x = 80.0 * torch.randn(16, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = solve_interval(den, x, 80.0, 0.002, max_log_step=0.02, solver="rk4")
+    at_min = solve_interval(den, x, 80.0, 0.002, max_log_step=0.02, solver="rk4")
+    ref = den(at_min, torch.full((16,), 0.002, dtype=torch.float64))
     errs = [float((end_point(den, x, 80.0, 0.002, steps=n) - ref).norm(dim=1).mean()) for n in (25, 100, 400)]
     assert errs[2] < errs[1] < errs[0] and errs[2] < 1e-3 * float(ref.norm(dim=1).mean())
     grid = fine_grid(80.0, 0.002, 10)
@@ -210,7 +214,8 @@ def test_the_norm_end_to_end_loss_is_the_true_error_itself() -> None:
 
 def test_the_path_solve_visits_every_node_and_agrees_with_interval_solves() -> None:
     """`path_points` (one iPNDM pass with the schedule's nodes inserted) gives the teacher's state at each node:
-    close to bounded-step RK4 node to node, with the start unchanged, at `steps` + N - 1 calls per sample."""
+    close to bounded-step RK4 node to node, with the start unchanged and the last the clean x*(0), at `steps` + N
+    calls per sample."""
     from fewstep_search.phase2.targets import CountingDenoiser, path_points
 
     den = CountingDenoiser(make_tiny(seed=5))
@@ -218,10 +223,11 @@ def test_the_path_solve_visits_every_node_and_agrees_with_interval_solves() -> N
     nodes = tuple(float(s) for s in make_schedule("vp_time_quadratic", 5, 0.002, 80.0).sigmas)
     path = path_points(den, x, nodes, steps=200)
     assert path.shape == (6, 16, 8) and torch.equal(path[0], x)
-    assert den.sample_calls == 16 * (200 + 4)  # the fine grid's calls plus one per interior node
+    assert den.sample_calls == 16 * (200 + 4 + 1)  # the fine grid's, one per interior node, the step into 0
     ref = [x]
     for s0, s1 in zip(nodes[:-1], nodes[1:], strict=True):
         ref.append(solve_interval(den, ref[-1], s0, s1, max_log_step=0.02, solver="rk4"))
+    ref[-1] = den(ref[-1], torch.full((16,), nodes[-1], dtype=torch.float64))  # the step into 0
     for k in range(1, 6):
         err = float((path[k] - ref[k]).norm(dim=1).mean())
         assert err < 1e-3 * float(ref[k].norm(dim=1).mean())

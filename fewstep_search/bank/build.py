@@ -187,8 +187,10 @@ def _solve_on_grid(den: Denoiser, x: Tensor, grid: Tensor, substeps: int, tick: 
                    reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Accurate solve along the grid; returns (x_end, reduced outputs [B, M, r], states [B, M, *shape]).
 
-    Each grid point's output is reduced (projected, cast) as soon as it is computed, into preallocated
-    tensors: the chunk never holds its full-size outputs, nor a list of rows beside a stacked copy.
+    x_end is the clean end point x*(0): the output at the last grid point (sigma_min), which the solve computes
+    anyway, i.e. the step into 0 every sampler here ends with. Each grid point's output is reduced (projected,
+    cast) as soon as it is computed, into preallocated tensors: the chunk never holds its full-size outputs, nor
+    a list of rows beside a stacked copy.
     """
     m, batch = grid.numel(), x.shape[0]
     states = x.new_empty((batch, m, *x.shape[1:]))
@@ -202,6 +204,8 @@ def _solve_on_grid(den: Denoiser, x: Tensor, grid: Tensor, substeps: int, tick: 
         outs[:, j] = red
         if j < m - 1:
             x = rk4_interval(den, x, grid[j], grid[j + 1], substeps=substeps, d0=d)
+        else:
+            x = d  # the last step into 0: x*(0) = D(x*(sigma_min), sigma_min)
         del d
         tick()
     assert outs is not None  # m >= 2

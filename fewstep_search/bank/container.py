@@ -1,10 +1,12 @@
 """The `Bank` value and its on-disk format.
 
-Contract (STYLE.md lesson 7). A `Bank` is immutable after construction and holds, for K trajectories started at
+Contract. A `Bank` is immutable after construction and holds, for K trajectories started at
 `x_N ~ N(0, sigma_max^2 I)` and solved accurately (RK4 in log sigma, `substeps` per grid cell) down an M-point grid
 uniform in log sigma (`grid[0] = sigma_max > ... > grid[M-1] = sigma_min`):
 
-* `x_start [K, *shape]` and `x_end [K, *shape]`: the start and the accurate end point x0* (the true-error target);
+* `x_start [K, *shape]` and `x_end [K, *shape]`: the start and the accurate end point x0* (the true-error target):
+  the clean sample x*(0) = D(x*(sigma_min), sigma_min), i.e. the accurate solve down to sigma_min followed by the
+  same last step into 0 that every sampler of the project takes (`fewstep_search.solvers.sampling_sigmas`);
 * `denoised [K, M, r]`: the model outputs D*(grid_j) on the trajectory, flattened; r = prod(shape), or fewer
   dims when stored as a fixed random (Johnson-Lindenstrauss) projection (`projection [d, r]`), which preserves the
   distances B_w needs; optionally float16;
@@ -40,7 +42,8 @@ from fewstep_search.atomic import atomic_path
 
 __all__ = ["Bank", "BankMismatchError", "SPLIT_NAMES", "load_bank", "BANK_FORMAT_VERSION"]
 
-BANK_FORMAT_VERSION = 2
+BANK_FORMAT_VERSION = 3
+"""3: `x_end` is the clean end point x*(0) (2 stored x*(sigma_min), which no sampler into 0 can reach)."""
 _META_KEY = "fewstep_bank"
 SPLIT_NAMES = ("fit", "select", "test")
 """The three disjoint trajectory sets, in the order of their codes in `Bank.split`."""

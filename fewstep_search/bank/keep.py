@@ -9,9 +9,10 @@ set stays what results are reported on, never decided on.
 
 The keep trajectories are the bank plan's trajectories K..K+n-1: their start noise comes from the same seeded
 per-trajectory generator as the bank's (so they are disjoint from it and reproducible), and they are solved
-exactly as the bank solves its own (RK4 in log sigma down the bank's grid, `substeps` per cell), so keep E and
-test E measure the same thing. Only the end points are kept: E needs nothing else, so no gains are swept and
-no outputs are stored (`denoised` has width 0; every trajectory is labelled select, the set's role).
+exactly as the bank solves its own (RK4 in log sigma down the bank's grid, `substeps` per cell, then the last
+step into 0), so keep E and test E measure the same thing. Only the end points are kept: E needs nothing else,
+so no gains are swept and no outputs are stored (`denoised` has width 0; every trajectory is labelled select,
+the set's role).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def build_keep_set(denoiser: Denoiser, plan: BankPlan, n: int, *, device: torch.
             for j in range(grid.numel() - 1):
                 x = rk4_interval(part, x, grid[j], grid[j + 1], substeps=plan.substeps)
                 tick()
-            x_end[lo:hi] = x.cpu()
+            x_end[lo:hi] = part(x, grid[-1].to(x.dtype).expand(x.shape[0])).cpu()  # the step into 0, as the bank's
     m = plan.grid_size
     return Bank(grid=plan.grid(), x_start=x_start, x_end=x_end, denoised=x_start.new_zeros((n, m, 0)),
                 phi=torch.ones((n, m), dtype=torch.float64),

@@ -15,7 +15,9 @@ is (to first order) the squared error the step adds to the sample, in the units 
 
 End-to-end term `||x0_hat - x0*||^2` (x0_hat from an undetached chain of the student's sampler, x0* the end of
 the teacher's trajectory): optional beside the per-step loss, or alone (`per_step_weight = 0`). Arrays are indexed
-from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] -> sigmas[j + 1]. No Ray here.
+from the top: `sigmas[0] = sigma_max`, interval j is sigmas[j] -> sigmas[j + 1]. `sigmas` are the schedule's
+nodes; every chain here runs them as the sampler does, the last step into 0 (`sampling_sigmas`), so the student is
+trained for the sampler that is scored and exported. No Ray here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from fewstep_search.bank import Bank
 from fewstep_search.phase2.steps import FIRST_ORDER_SOLVERS, SamplerChain, step_gains
 from fewstep_search.phase2.targets import ideal_output
+from fewstep_search.solvers import sampling_sigmas
 
 __all__ = [
     "rms_gain", "step_weights", "LossParts", "student_state_loss", "teacher_forced_loss", "fixed_state_loss",
@@ -66,11 +69,12 @@ def step_weights(bank: Bank, sigmas: Tensor, solver: str = "ddim") -> Tensor:
     `gain_i` is how much an error in the step's output moves the next state (`1 - r_i` for DDIM; see
     `fewstep_search.phase2.steps` for iPNDM)."""
     s = sigmas.double().cpu()
-    phi = rms_gain(bank, s[1:])
+    phi = rms_gain(bank, s[1:])  # the gain from each step's end; the last (into 0) ends at sigma_min's, 1
+    run = sampling_sigmas(s)
     if solver in FIRST_ORDER_SOLVERS:
-        r = s[1:] / s[:-1]
+        r = run[1:] / run[:-1]
         return (phi * (1 - r)).square()
-    gains = torch.tensor(step_gains(solver, tuple(float(v) for v in s)), dtype=torch.float64)
+    gains = torch.tensor(step_gains(solver, tuple(float(v) for v in run)), dtype=torch.float64)
     return (phi * gains).square()
 
 
@@ -112,11 +116,12 @@ def student_state_loss(
     x = x_start
     terms = []
     w = weights.to(device=x.device, dtype=torch.float32)
+    run = sampling_sigmas(sigmas)
     for j in range(len(sigmas) - 1):
         d = student(x, _sigma_batch(x, sigmas[j]))
         dbar = first_target if (j == 0 and first_target is not None) else target(x, j)
         terms.append(w[j] * _sq(d, dbar))
-        r = sigmas[j + 1] / sigmas[j]
+        r = run[j + 1] / run[j]
         x = (r * x + (1 - r) * d.detach().to(x.dtype)).detach()
     per = torch.stack(terms)  # [N, B]
     return LossParts(total=per.sum(0).mean(), per_step=per.detach().mean(1))
@@ -141,10 +146,11 @@ def fixed_state_loss(
 def teacher_forced_loss(student: StudentFn, states: Tensor, sigmas: tuple[float, ...], weights: Tensor) -> LossParts:
     """The loss on the teacher's own trajectory `states` [N + 1, B, *shape] (one batched student call).
 
-    D_bar of interval j is `(states[j + 1] - r states[j]) / (1 - r)`: the teacher trajectory is the exact solve.
+    D_bar of interval j is `(states[j + 1] - r states[j]) / (1 - r)`: the teacher trajectory is the exact solve
+    (its last state x*(0), the last step's target itself).
     """
-    n = len(sigmas) - 1
-    dbar = torch.stack([ideal_output(states[j + 1], states[j], sigmas[j], sigmas[j + 1]) for j in range(n)])
+    n, run = len(sigmas) - 1, sampling_sigmas(sigmas)
+    dbar = torch.stack([ideal_output(states[j + 1], states[j], run[j], run[j + 1]) for j in range(n)])
     return fixed_state_loss(student, states[:-1], dbar, sigmas, weights)
 
 
@@ -159,7 +165,7 @@ def student_state_targets(
     solver, the outputs that land each step on the teacher's solve given the chain's earlier outputs
     (`fewstep_search.phase2.steps`). Kept so the pairs can be trained on again later (reuse).
     """
-    chain = SamplerChain(solver, sigmas)
+    chain = SamplerChain(solver, sampling_sigmas(sigmas))
     x = x_start
     states, targets = [], []
     for j in range(len(sigmas) - 1):
@@ -180,7 +186,7 @@ def solver_chain(student: StudentFn, x_start: Tensor, sigmas: Sequence[float] | 
     Why a chain of `SamplerChain` steps rather than `solvers.get_solver`: it is the same step the per-step
     targets use (tests/test_phase2_steps.py checks it against `solvers.ipndm`), so both terms train one sampler.
     """
-    chain = SamplerChain(solver, tuple(sigmas))  # type: ignore[arg-type]  # tensors work as floats do
+    chain = SamplerChain(solver, sampling_sigmas(sigmas))  # 0-dim tensors work as floats do
     x = x_start
     visited = [x]
     for j in range(len(sigmas) - 1):

@@ -147,7 +147,7 @@ class NoisePool:
             self._has_traj[missing] = True
             if self._first is None:
                 self._first = torch.empty_like(self.x)
-            s0, s1 = teacher.sigmas[0], teacher.sigmas[1]
+            s0, s1 = teacher.nodes[0], teacher.nodes[1]
             self._first[missing.to(dev)] = ideal_output(states[1], states[0], s0, s1)
             self._has_first[missing] = True
         return self._traj[idx.to(self.x.device)].transpose(0, 1)

@@ -19,6 +19,12 @@ Teacher solvers, all classical RK4 with sub-steps bounded in log sigma (`substep
 
 Both are checked by step halving in tests/test_phase2_targets.py.
 
+The last interval. The sampler the student is trained for runs the schedule with sigma_min replaced by 0
+(`fewstep_search.solvers.sampling_sigmas`, the sampler every score and export uses), so its last step lands on
+its own output. The teacher's state after the last interval is therefore the clean x*(0) = D(x*(sigma_min),
+sigma_min), and that interval's target is x*(0) itself (`r = 0`); every end point here is x*(0) too, as the
+bank's reference end points are.
+
 The end-to-end term needs only the end point x0* of each noise sample, not the states at the schedule's nodes,
 so it has its own solve (`end_point`): iPNDM (one call per step) on a fine Karras (rho = 7) grid, which caches
 one state per sample instead of N + 1. On the digits model 100 such steps were as accurate as RK4 through a
@@ -38,7 +44,7 @@ import torch
 from torch import Tensor
 
 from fewstep_search.denoiser import Denoiser
-from fewstep_search.solvers import ipndm, rk4_interval, substeps_for
+from fewstep_search.solvers import ipndm, rk4_interval, sampling_sigmas, substeps_for
 
 __all__ = ["TeacherSolver", "TEACHER_SOLVERS", "CountingDenoiser", "solve_interval", "ideal_output", "calls_for",
            "end_point", "path_points", "fine_grid"]
@@ -150,17 +156,23 @@ def fine_grid(sigma_max: float, sigma_min: float, steps: int, *, rho: float = 7.
     return grid.to(device=device, dtype=wide)
 
 
+def _with_final_zero(grid: Tensor) -> Tensor:
+    """A fine grid that ends at sigma_min, with the last step into 0 after it (x*(0) = D(x*(sigma_min), sigma_min))."""
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
 @torch.no_grad()
 def end_point(teacher: Denoiser, x: Tensor, sigma_max: float, sigma_min: float, *, steps: int) -> Tensor:
-    """The teacher's x*(sigma_min) from `x` at sigma_max: iPNDM on `fine_grid` (`steps` calls per sample)."""
-    return ipndm(teacher, x, fine_grid(float(sigma_max), float(sigma_min), steps, device=x.device))
+    """The teacher's clean end point x*(0) from `x` at sigma_max: iPNDM on `fine_grid` down to sigma_min, then the
+    step into 0 (`steps + 1` calls per sample)."""
+    return ipndm(teacher, x, _with_final_zero(fine_grid(float(sigma_max), float(sigma_min), steps, device=x.device)))
 
 
 @torch.no_grad()
 def path_points(teacher: Denoiser, x: Tensor, nodes: tuple[float, ...], *, steps: int) -> Tensor:
-    """The teacher's states [N + 1, B, *shape] at every node of `nodes` (descending, `nodes[0]` the start): one
-    iPNDM pass on `fine_grid` with the nodes inserted, so the end matches `end_point` and the interior states cost
-    no more calls than the nodes add (`steps` + N - 1 calls per sample)."""
+    """The teacher's states [N + 1, B, *shape] at every node of `nodes` (descending, `nodes[0]` the start), the
+    last the clean end x*(0): one iPNDM pass on `fine_grid` with the nodes inserted, so the end matches `end_point`
+    and the interior states cost no more calls than the nodes add (`steps` + N calls per sample)."""
     grid = fine_grid(float(nodes[0]), float(nodes[-1]), steps, device=x.device)
     merged = torch.unique(torch.cat([grid, torch.tensor(nodes, dtype=grid.dtype, device=grid.device)]))
     merged = merged.flip(0)  # descending, duplicates (the shared end points) gone
@@ -173,7 +185,7 @@ def path_points(teacher: Denoiser, x: Tensor, nodes: tuple[float, ...], *, steps
         if k is not None and k > 0:
             states[k] = info["x"]
 
-    states[-1] = ipndm(teacher, x, merged, callback=keep)
+    states[-1] = ipndm(teacher, x, _with_final_zero(merged), callback=keep)
     if any(s is None for s in states):
         raise RuntimeError("path_points: a schedule node was not visited on the merged grid")
     return torch.stack(states)  # type: ignore[arg-type]
@@ -201,24 +213,34 @@ class IntervalTeacher:
     def step_bound(self, i: int) -> float:
         return self.first_max_log_step if (i == 0 and self.first_max_log_step is not None) else self.max_log_step
 
+    @property
+    def nodes(self) -> tuple[float, ...]:
+        """The sampler's nodes: `sigmas` with the last replaced by 0 (the module docstring, "The last interval")."""
+        return sampling_sigmas(self.sigmas)
+
     def state(self, x: Tensor, i: int) -> Tensor:
-        """x*(sigmas[i + 1]) from x at sigmas[i]."""
-        return solve_interval(
+        """x*(sigmas[i + 1]) from x at sigmas[i]; after the last interval the clean x*(0) (one call more)."""
+        y = solve_interval(
             self.teacher, x, self.sigmas[i], self.sigmas[i + 1], max_log_step=self.step_bound(i), solver=self.solver
         )
+        if i < len(self.sigmas) - 2:
+            return y
+        with torch.no_grad():
+            return self.teacher(y, torch.full((y.shape[0],), float(self.sigmas[-1]), dtype=y.dtype, device=y.device))
 
     def target(self, x: Tensor, i: int) -> Tensor:
-        return ideal_output(self.state(x, i), x, self.sigmas[i], self.sigmas[i + 1])
+        """D_bar of interval i: the output whose step from x lands on the teacher's state (x*(0) on the last)."""
+        return ideal_output(self.state(x, i), x, self.nodes[i], self.nodes[i + 1])
 
     def trajectory(self, x_start: Tensor) -> Tensor:
-        """[N + 1, B, *shape]: the teacher's states at every node of the schedule, from x_start at sigmas[0]."""
+        """[N + 1, B, *shape]: the teacher's states at the sampler's nodes from x_start at sigmas[0] (last x*(0))."""
         states = [x_start]
         for i in range(len(self.sigmas) - 1):
             states.append(self.state(states[-1], i))
         return torch.stack(states)
 
     def end_point(self, x_start: Tensor) -> Tensor:
-        """x*(sigmas[-1]) from x_start at sigmas[0]: what the end-to-end term is scored against."""
+        """x*(0) from x_start at sigmas[0]: what the end-to-end term is scored against."""
         if self.end_steps is None:
             return self.trajectory(x_start)[-1]
         return end_point(self.teacher, x_start, self.sigmas[0], self.sigmas[-1], steps=self.end_steps)
@@ -230,17 +252,19 @@ class IntervalTeacher:
         return path_points(self.teacher, x_start, self.sigmas, steps=self.end_steps)
 
     def end_calls_per_sample(self) -> int:
-        """Teacher evaluations per sample of `end_point`."""
-        return self.calls_per_sample() if self.end_steps is None else self.end_steps
+        """Teacher evaluations per sample of `end_point` (the fine solve's, and the step into 0)."""
+        return self.calls_per_sample() if self.end_steps is None else self.end_steps + 1
 
     def path_calls_per_sample(self) -> int:
         """Teacher evaluations per sample of `path`: `end_point`'s, plus one per node inserted in the fine grid."""
-        return self.calls_per_sample() if self.end_steps is None else self.end_steps + len(self.sigmas) - 2
+        return self.calls_per_sample() if self.end_steps is None else self.end_steps + len(self.sigmas) - 1
 
     def calls_per_sample(self, intervals: range | None = None) -> int:
-        """Teacher evaluations per sample for the given intervals (all by default)."""
-        idx = intervals if intervals is not None else range(len(self.sigmas) - 1)
+        """Teacher evaluations per sample for the given intervals (all by default; the last adds the step into 0)."""
+        last = len(self.sigmas) - 2
+        idx = intervals if intervals is not None else range(last + 1)
         return sum(
             calls_for(self.sigmas[i], self.sigmas[i + 1], max_log_step=self.step_bound(i), solver=self.solver)
+            + int(i == last)
             for i in idx
         )

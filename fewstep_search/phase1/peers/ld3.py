@@ -29,7 +29,7 @@ from fewstep_search.bank import Bank
 from fewstep_search.denoiser import Denoiser, bind_condition
 from fewstep_search.objectives import true_error
 from fewstep_search.schedules import Schedule, karras, logits_from_sigmas, sigmas_from_logits
-from fewstep_search.solvers import get_solver
+from fewstep_search.solvers import get_solver, sampling_sigmas
 
 __all__ = ["LD3Result", "project_to_ball", "soft_errors", "ld3_schedule"]
 
@@ -59,7 +59,7 @@ def soft_errors(denoiser: Denoiser, bank: Bank, sigmas: Tensor, slack: Tensor, *
     """[K] per-sample `||Solve_s(x_k + slack_k) - x0*_k||`, differentiable in `sigmas` and `slack`."""
     den = bind_condition(denoiser, bank.cond)
     x = bank.x_start + slack.to(bank.x_start)
-    out = get_solver(solver)(den, x, sigmas.to(device=x.device, dtype=x.dtype))
+    out = get_solver(solver)(den, x, sampling_sigmas(sigmas.to(device=x.device, dtype=x.dtype)))
     return (out - bank.x_end.to(out)).flatten(1).norm(dim=1).double()
 
 
