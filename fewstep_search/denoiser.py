@@ -79,6 +79,24 @@ def _advertise_like(wrapper: object, inner: object) -> None:
             setattr(wrapper, attr, getattr(inner, attr))
 
 
+def family_of(denoiser: object) -> str:
+    """The coordinates a denoiser's own sampler works in: "flow", "vp" or "edm" (`schedules.MODEL_FAMILIES`).
+
+    The advertised `family` of the denoiser or of a model it wraps (`inner`), else "vp" where it advertises a VP
+    (DDPM) table, else "edm".
+    """
+    obj = denoiser
+    for _ in range(8):
+        if obj is None:
+            break
+        if getattr(obj, "family", None) is not None:
+            return str(obj.family)
+        if getattr(obj, "vp", None) is not None:
+            return "vp"
+        obj = getattr(obj, "inner", None)
+    return "edm"
+
+
 def is_conditional(denoiser: object) -> bool:
     """Whether a denoiser takes condition indices (advertises a non-empty `conditions`)."""
     return bool(getattr(denoiser, "conditions", None))

@@ -31,7 +31,7 @@ from fewstep_search import best_pair
 from fewstep_search.bank import Bank
 from fewstep_search.bank.student import student_bank
 from fewstep_search.best_pair import BestPair, keep_error
-from fewstep_search.denoiser import Denoiser
+from fewstep_search.denoiser import Denoiser, family_of
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.phase1.engine import Executor, InProcessExecutor, TrialContext, run_phase1
 from fewstep_search.phase1.portfolio import trial_specs
@@ -362,7 +362,7 @@ def _rounds(run: _Run, bank: Bank, keep: Bank | None, rounds: int) -> dict[str, 
     kept = best.row
     if kept["round"] == 0 and "fd" in baselines["phase1"]:
         kept["fd"] = baselines["phase1"]["fd"]
-    rundir.write_best({**kept["schedule"], "nfe": config.nfe, "round": kept["round"],
+    rundir.write_best({**kept["schedule"], "family": family_of(run.teacher), "nfe": config.nfe, "round": kept["round"],
                        **{k: kept[k] for k in ("test_error", "select_error", "keep_error") if k in kept}},
                       Path(kept["model"]) if kept["model"] else None)
     results = {"nfe": config.nfe, "model": config.model.model_id, "run_id": run.run_id, "rounds": history,

@@ -32,6 +32,7 @@ from fewstep_search.noise import ContinuousVP, DiscreteVP, cosine_alpha_bar
 __all__ = [
     "Schedule",
     "MODEL_FAMILIES",
+    "prior_scale",
     "karras",
     "log_uniform",
     "polyexponential",
@@ -66,6 +67,25 @@ def check_range(nfe: int, sigma_min: float, sigma_max: float) -> None:
 
 MODEL_FAMILIES = ("edm", "vp", "flow")
 """The coordinates a model's sampler works in: EDM sigma, a VP (DDPM) model's timesteps, a flow model's t."""
+
+
+def prior_scale(family: str, sigma_max: float) -> float:
+    """The start of a solve is `prior_scale * noise`, noise ~ N(0, I): the prior a sampler of `family` draws, in
+    the EDM coordinates (x = x0 + sigma eps) every solve here works in.
+
+    edm: `sigma_max`; vp: a DDPM pipeline starts from x_T = noise, and x = x_T / alpha_T, so `sqrt(1 + sigma_max^2)`;
+    flow: a flow pipeline starts from x_t = noise at t_max, and x = x_t / (1 - t), so `1 + sigma_max`. Why not
+    sigma_max everywhere: the exported scheduler must give the tool's samples from the pipeline's own noise, and
+    the bank's trajectories must start where the pipeline starts (the two differ by a factor 1 + 1/sigma_max for
+    flow models, 0.1% at T = 1000).
+    """
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
+    if family == "vp":
+        return math.sqrt(1.0 + sigma_max**2)
+    if family == "flow":
+        return 1.0 + sigma_max
+    return float(sigma_max)
 
 
 @dataclass(frozen=True, eq=False)

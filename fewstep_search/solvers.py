@@ -79,15 +79,43 @@ def _denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, i: int, callback: Cal
     return d
 
 
+class Steps:
+    """One pass of a one-call-per-step solver down `sigmas`, a step at a time: `steps(i, x, d)` is the state at
+    `sigmas[i + 1]` from the state `x` at `sigmas[i]` and the model's output `d` there.
+
+    Why step objects: the whole-solve functions below (`ddim`, `dpmpp_2m`, `ipndm`) and the diffusers scheduler
+    of the exports (`fewstep_search.integrations.diffusers_scheduler`), which the pipeline calls once per step,
+    take the same steps, so what is exported is what was scored. A multistep solver keeps its history in the
+    instance: make a new one per pass. Call order: i = 0, 1, ..., N - 1.
+    """
+
+    def __init__(self, sigmas: Tensor) -> None:
+        self.sigmas = sigmas
+
+    def __call__(self, i: int, x: Tensor, d: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class DDIMSteps(Steps):
+    """First order (DDIM = Euler in sigma): `x_{i-1} = r x_i + (1 - r) D(x_i, sigma_i)`, `r = sigma_{i-1}/sigma_i`;
+    into 0 (r = 0) the step lands on D."""
+
+    def __call__(self, i: int, x: Tensor, d: Tensor) -> Tensor:
+        r = (self.sigmas[i + 1] / self.sigmas[i]).to(x.dtype)
+        return r * x + (1 - r) * d
+
+
+def _solve_by_steps(make: type[Steps], denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback) -> Tensor:
+    _check_sigmas(sigmas)
+    steps = make(sigmas)
+    for i in range(sigmas.numel() - 1):
+        x = steps(i, x, _denoise(denoiser, x, sigmas[i], i, callback))
+    return x
+
+
 def ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = None) -> Tensor:
     """First order (DDIM = Euler in sigma): `x_{i-1} = r x_i + (1 - r) D(x_i, sigma_i)`, `r = sigma_{i-1}/sigma_i`."""
-    _check_sigmas(sigmas)
-    for i in range(sigmas.numel() - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        d = _denoise(denoiser, x, s, i, callback)
-        r = (s_next / s).to(x.dtype)
-        x = r * x + (1 - r) * d
-    return x
+    return _solve_by_steps(DDIMSteps, denoiser, x, sigmas, callback)
 
 
 def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = None) -> Tensor:
@@ -108,27 +136,33 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = 
     return x
 
 
-def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = None) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in lambda = -log sigma; first step is DDIM."""
-    _check_sigmas(sigmas)
-    old_d: Tensor | None = None
-    h_last: Tensor | None = None
-    for i in range(sigmas.numel() - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        d = _denoise(denoiser, x, s, i, callback)
+class DPMpp2MSteps(Steps):
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in lambda = -log sigma; the first step is DDIM and
+    a step into 0 lands on D."""
+
+    def __init__(self, sigmas: Tensor) -> None:
+        super().__init__(sigmas)
+        self.old_d: Tensor | None = None
+        self.h_last: Tensor | None = None
+
+    def __call__(self, i: int, x: Tensor, d: Tensor) -> Tensor:
+        s, s_next = self.sigmas[i], self.sigmas[i + 1]
         if float(s_next.detach()) == 0.0:
-            x = d
-            break
+            return d
         h = torch.log(s) - torch.log(s_next)
         r_x = (s_next / s).to(x.dtype)  # = exp(-h)
-        if old_d is None or h_last is None:
+        if self.old_d is None or self.h_last is None:
             d_eff = d
         else:
-            ratio = (h_last / h).to(x.dtype)
-            d_eff = (1 + 1 / (2 * ratio)) * d - (1 / (2 * ratio)) * old_d
-        x = r_x * x + (1 - r_x) * d_eff
-        old_d, h_last = d, h
-    return x
+            ratio = (self.h_last / h).to(x.dtype)
+            d_eff = (1 + 1 / (2 * ratio)) * d - (1 / (2 * ratio)) * self.old_d
+        self.old_d, self.h_last = d, h
+        return r_x * x + (1 - r_x) * d_eff
+
+
+def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in lambda = -log sigma; first step is DDIM."""
+    return _solve_by_steps(DPMpp2MSteps, denoiser, x, sigmas, callback)
 
 
 def rk4_interval(
@@ -231,6 +265,24 @@ _AB_COEFFS: tuple[tuple[float, ...], ...] = (
 """Adams-Bashforth weights of orders 1-4 for equal steps, newest slope first (iPNDM's table)."""
 
 
+class IPNDMSteps(Steps):
+    """iPNDM's steps (see `ipndm`): Adams-Bashforth on eps with the equal-step table, history kept here."""
+
+    def __init__(self, sigmas: Tensor) -> None:
+        super().__init__(sigmas)
+        self.history: list[Tensor] = []  # newest first
+
+    def __call__(self, i: int, x: Tensor, d: Tensor) -> Tensor:
+        s, s_next = self.sigmas[i], self.sigmas[i + 1]
+        if float(s_next.detach()) == 0.0:
+            return d
+        self.history.insert(0, (x - d) / s.to(x.dtype))
+        del self.history[len(_AB_COEFFS):]
+        coeffs = _AB_COEFFS[len(self.history) - 1]
+        slope = sum(c * e for c, e in zip(coeffs, self.history, strict=True))
+        return x + (s_next - s).to(x.dtype) * slope
+
+
 def ipndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback = None) -> Tensor:
     """iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", the improved
     PNDM): 4th-order Adams-Bashforth on the epsilon form `dx/dsigma = eps(x, sigma) = (x - D(x, sigma)) / sigma`
@@ -242,24 +294,26 @@ def ipndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback =
     (`_AB_COEFFS`), as DEIS and AMED use it; on non-uniform schedules those coefficients are an approximation (the
     price of the fixed table). A final step into sigma = 0 lands on `D(x_1, sigma_1)` (the export convention).
     """
-    _check_sigmas(sigmas)
-    history: list[Tensor] = []
-    for i in range(sigmas.numel() - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        d = _denoise(denoiser, x, s, i, callback)
-        if float(s_next.detach()) == 0.0:
-            return d
-        history.insert(0, (x - d) / s.to(x.dtype))
-        del history[len(_AB_COEFFS):]
-        coeffs = _AB_COEFFS[len(history) - 1]
-        slope = sum(c * e for c, e in zip(coeffs, history, strict=True))
-        x = x + (s_next - s).to(x.dtype) * slope
-    return x
+    return _solve_by_steps(IPNDMSteps, denoiser, x, sigmas, callback)
 
 
 SOLVERS["ipndm"] = ipndm
 _NFE_PER_STEP["ipndm"] = 1
 __all__.append("ipndm")
+
+STEPS: dict[str, type[Steps]] = {"ddim": DDIMSteps, "euler": DDIMSteps, "dpmpp_2m": DPMpp2MSteps,
+                                 "ipndm": IPNDMSteps}
+"""The solvers that take one model call per step, as step objects (what a step-at-a-time sampler runs)."""
+
+
+def steps_for(solver: str, sigmas: Tensor) -> Steps:
+    """A fresh pass of `solver`'s steps down `sigmas` (ValueError for a solver without single-call steps)."""
+    if solver not in STEPS:
+        raise ValueError(f"solver {solver!r} has no one-call steps; those that do: {', '.join(STEPS)}")
+    return STEPS[solver](sigmas)
+
+
+__all__ += ["Steps", "STEPS", "steps_for"]
 
 
 def sample(
@@ -272,18 +326,23 @@ def sample(
 ) -> Tensor:
     """Sample with a result: `solver` (default: the schedule's own) on the schedule's nodes, last step into 0.
 
-    `schedule` is a `fewstep_search.Schedule` (or a descending sigma tensor ending at sigma_min); `noise` is
-    standard normal [B, *shape] and the start is `sigma_max * noise`. This is the sampler every score, Phase-2
-    chain and export of the project runs (`sampling_sigmas`), so its output from the same noise is what the
-    exported scheduler gives, to float round-off.
+    `schedule` is a `fewstep_search.Schedule` (or a descending sigma tensor ending at sigma_min, taken as EDM);
+    `noise` is standard normal [B, *shape], as a pipeline draws it, and the start is the family's prior
+    `prior_scale(schedule.family, sigma_max) * noise` (`sigma_max * noise` for an EDM model). This is the sampler
+    every score, Phase-2 chain and export of the project runs (`sampling_sigmas`), so its output from the same
+    noise is what the exported scheduler gives in the model's own pipeline, to float round-off. Returns the
+    sample in the EDM convention, i.e. x0 (a VP model's x0, a flow model's x0).
 
     Example:
         >>> import torch
         >>> from fewstep_search import karras, sample
         >>> x0 = sample(lambda x, s: 0.5 * x, karras(4, 0.002, 80.0), torch.randn(2, 3))
     """
+    from fewstep_search.schedules import prior_scale
+
     sigmas = schedule if isinstance(schedule, Tensor) else schedule.tensor()
     name = solver if solver is not None else getattr(schedule, "solver", "ddim")
     wide = torch.float32 if noise.device.type == "mps" else torch.float64
     sigmas = sigmas.to(device=noise.device, dtype=wide)
-    return get_solver(name)(denoiser, float(sigmas[0]) * noise, sampling_sigmas(sigmas), callback=callback)
+    start = prior_scale(getattr(schedule, "family", "edm"), float(sigmas[0])) * noise
+    return get_solver(name)(denoiser, start, sampling_sigmas(sigmas), callback=callback)

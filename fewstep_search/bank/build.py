@@ -23,9 +23,9 @@ from torch import Tensor
 
 from fewstep_search.bank.container import SPLIT_NAMES, Bank
 from fewstep_search.bank.memory import default_chunk, refuse_if_too_big
-from fewstep_search.denoiser import CheckedDenoiser, Denoiser, bind_condition, is_conditional
+from fewstep_search.denoiser import CheckedDenoiser, Denoiser, bind_condition, family_of, is_conditional
 from fewstep_search.progress import task_progress
-from fewstep_search.schedules import check_range
+from fewstep_search.schedules import check_range, prior_scale
 from fewstep_search.solvers import rk4_interval
 
 __all__ = [
@@ -79,9 +79,12 @@ class BankPlan:
     keep_states: bool = True
     n_conditions: int = 0
     model_id: str = "unknown"
+    family: str = "edm"
+    """The model's family: trajectories start from its own prior (`schedules.prior_scale`)."""
 
     def __post_init__(self) -> None:
         check_range(1, self.sigma_min, self.sigma_max)
+        prior_scale(self.family, self.sigma_max)  # refuses an unknown family
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if self.n_trajectories < 3:
             raise ValueError(
@@ -138,12 +141,14 @@ class BankPlan:
         return torch.arange(self.n_trajectories) % self.n_conditions
 
     def x_start(self, lo: int, hi: int) -> Tensor:
-        """Start noise of trajectories lo..hi-1 (float64 draws, cast to the bank dtype)."""
+        """Start states of trajectories lo..hi-1: the family's prior at sigma_max (`prior_scale` times float64
+        normal draws), cast to the bank dtype."""
         # Filled row by row (not stacked from a list of float64 rows): K x d float64 is never all in memory.
         out = torch.empty((hi - lo, *self.shape), dtype=self.torch_dtype)
+        scale = prior_scale(self.family, self.sigma_max)
         for i, k in enumerate(range(lo, hi)):
             row = torch.randn(self.shape, generator=_generator(self.seed, _STREAM_START, k), dtype=torch.float64)
-            out[i] = row * self.sigma_max
+            out[i] = row * scale
         return out
 
     def probes_for(self, lo: int, hi: int) -> Tensor:
@@ -338,6 +343,7 @@ def plan_for(denoiser: Denoiser, *, shape: tuple[int, ...], dtype: torch.dtype |
     k, m = settings.get("n_trajectories", 256), settings.get("grid_size", 128)
     keep = k * m * numel * item <= _STATES_IN_MEMORY_BYTES if keep_states is None else keep_states
     n_cond = len(denoiser.conditions) if is_conditional(denoiser) else 0  # type: ignore[attr-defined]
+    settings.setdefault("family", family_of(denoiser))
     return BankPlan(shape=tuple(shape), dtype=dtype_name, keep_states=keep, n_conditions=n_cond, **settings)
 
 
