@@ -28,7 +28,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check fewstep_search tests benchmarks
+	$(BIN)/ruff check fewstep_search tests benchmarks integrations
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,7 +2,8 @@
 
 A schedule `sigma_N > ... > sigma_1 > sigma_0 = sigma_min > 0` costs N model calls with a first-order solver.
 Samplers stop at sigma = 0, so every export REPLACES sigma_min by 0 (the last step then lands on
-`D(x_1, sigma_1)`): N model calls, not N + 1 (appending a 0 would add a step). DESIGN.md section 1.
+`D(x_1, sigma_1)`): N model calls, not N + 1 (appending a 0 would add a step). Every score of the tool ran the
+same sampler (`fewstep_search.solvers.sampling_sigmas`), so an export's E is the E the run reported.
 
 What each target does with the values (read in diffusers 0.42's source):
 - k-diffusion `sample_euler(model, x, sigmas)`: the N + 1 sigmas as given (last 0).
@@ -14,28 +15,27 @@ What each target does with the values (read in diffusers 0.42's source):
   to them and appends the final 0 itself, so the export undoes the shift and drops the 0. Configurations that
   change the values in ways that cannot be undone exactly are refused (`flow_scheduler_sigmas`).
 
-Everything here is a pure function of the schedule and what the model advertises (`ModelInfo`), except
-`export_diffusers_folder`, which writes a fine-tuned model as a diffusers folder.
+Everything here is a pure function of the schedule and what the model advertises (`ModelInfo`). The pair
+(weights, sigmas, solver) as a diffusers pipeline folder, whose scheduler runs every solver but Heun, is written by
+`fewstep_search.integrations.pipeline_folder`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fewstep_search.denoiser import family_of
+from fewstep_search.integrations.k_diffusion import K_DIFFUSION_SAMPLERS
 from fewstep_search.models.flow import FLOW_SCHEDULER, sigma_to_t, unshift_t
 from fewstep_search.noise import DiscreteVP
-from fewstep_search.schedules import Schedule
-from fewstep_search.solvers import FIRST_ORDER_SOLVERS
+from fewstep_search.schedules import MODEL_FAMILIES, Schedule, prior_scale
+from fewstep_search.solvers import FIRST_ORDER_SOLVERS, nfe_of, sampling_sigmas
 
 __all__ = [
     "FAMILIES",
@@ -49,13 +49,13 @@ __all__ = [
     "vp_timesteps",
     "flow_scheduler_sigmas",
     "export_diffusers",
-    "export_diffusers_folder",
+    "FormatStatus",
+    "format_statuses",
     "dumps",
 ]
 
-FAMILIES = ("edm", "vp", "flow")
+FAMILIES = MODEL_FAMILIES
 FORMATS = ("json", "k-diffusion", "diffusers", "diffusers-folder")
-_K_SAMPLERS = {"ddim": "sample_euler", "euler": "sample_euler", "heun": "sample_heun", "dpmpp_2m": "sample_dpmpp_2m"}
 # FlowMatchEulerDiscreteScheduler options that replace or re-map the given sigmas beyond the (undoable) shift.
 _FLOW_REPLACING = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 _SHIFT_TERMINAL_TOL = 1e-6
@@ -90,11 +90,10 @@ def _advertised(denoiser: object, attr: str) -> Any:
 
 
 def model_info(denoiser: object) -> ModelInfo:
-    """The family of a denoiser: `family` where it says, else "vp" when it has a `DiscreteVP` table, else "edm"."""
+    """What a denoiser advertises for its exports: its family (`denoiser.family_of`) and that family's data."""
     vp = _advertised(denoiser, "vp")
-    family = _advertised(denoiser, "family") or ("vp" if isinstance(vp, DiscreteVP) else "edm")
     return ModelInfo(
-        family=str(family),
+        family=family_of(denoiser),
         vp=vp if isinstance(vp, DiscreteVP) else None,
         shift=float(_advertised(denoiser, "shift") or 1.0),
         scheduler_config=_advertised(denoiser, "scheduler_config"),
@@ -102,17 +101,15 @@ def model_info(denoiser: object) -> ModelInfo:
 
 
 def export_sigmas(schedule: Schedule) -> np.ndarray:
-    """The N + 1 sigmas with sigma_min replaced by 0: what a sampler needs for exactly N first-order calls."""
-    out = np.array(schedule.sigmas, dtype=np.float64, copy=True)
-    out[-1] = 0.0
-    return out
+    """The N + 1 sigmas with sigma_min replaced by 0 (`solvers.sampling_sigmas`, the sampler every score ran)."""
+    return sampling_sigmas(schedule.tensor()).numpy()
 
 
 def calls_of(solver: str, nfe: int) -> int:
     """Model calls of `solver` on the exported sigmas (Heun takes an Euler step into 0)."""
-    if solver not in _K_SAMPLERS:
-        raise ValueError(f"no export for solver {solver!r}; known: {', '.join(_K_SAMPLERS)}")
-    return 2 * nfe - 1 if solver == "heun" else nfe
+    if solver not in K_DIFFUSION_SAMPLERS:
+        raise ValueError(f"no export for solver {solver!r}; known: {', '.join(K_DIFFUSION_SAMPLERS)}")
+    return 2 * nfe - 1 if solver == "heun" else nfe_of(solver, nfe)
 
 
 def _floats(values: np.ndarray) -> list[float]:
@@ -120,7 +117,9 @@ def _floats(values: np.ndarray) -> list[float]:
 
 
 def export_json(schedule: Schedule, *, family: str = "edm", solver: str = "ddim") -> dict[str, Any]:
-    """`{"nfe", "sigmas" (N + 1, last 0), "solver", "family", ...}`; flow models also get their t values."""
+    """`{"nfe", "sigmas" (N + 1, last 0), "solver", "family", ...}`; flow models also get their t values.
+
+    `k_diffusion_sampler` names the sampler that computes the solver's steps on these sigmas."""
     _check_family(family)
     out: dict[str, Any] = {
         "nfe": schedule.nfe,
@@ -128,8 +127,10 @@ def export_json(schedule: Schedule, *, family: str = "edm", solver: str = "ddim"
         "solver": solver,
         "family": family,
         "calls": calls_of(solver, schedule.nfe),
+        "k_diffusion_sampler": K_DIFFUSION_SAMPLERS[solver],
         "name": schedule.name,
         "sigma_min_replaced": schedule.sigma_min,
+        "start_scale": prior_scale(family, schedule.sigma_max),
     }
     if family == "flow":
         out["t"] = _floats(sigma_to_t(export_sigmas(schedule)))
@@ -137,17 +138,21 @@ def export_json(schedule: Schedule, *, family: str = "edm", solver: str = "ddim"
 
 
 def export_k_diffusion(schedule: Schedule, *, family: str = "edm", solver: str = "ddim") -> str:
-    """A Python snippet defining `sigmas` (torch, descending, last 0) for k-diffusion's samplers."""
-    sampler = _K_SAMPLERS.get(solver)
+    """A Python snippet defining `sigmas` (torch, descending, last 0) and naming the k-diffusion-signature sampler
+    that computes `solver`'s steps (k-diffusion's own, or the package's where it has none)."""
+    sampler = K_DIFFUSION_SAMPLERS.get(solver)
     if sampler is None:
-        raise ValueError(f"no k-diffusion sampler for solver {solver!r}; known: {', '.join(_K_SAMPLERS)}")
+        raise ValueError(f"no k-diffusion sampler for solver {solver!r}; known: {', '.join(K_DIFFUSION_SAMPLERS)}")
     _check_family(family)
     vals = ", ".join(repr(v) for v in _floats(export_sigmas(schedule)))
+    module, name = sampler.rsplit(".", 1)
+    scale = prior_scale(family, schedule.sigma_max)
     lines = [
         "import torch",
+        f"from {module} import {name}",
         "",
-        f"# fewstep-search schedule {schedule.name!r}: {calls_of(solver, schedule.nfe)} model calls with",
-        f"# k_diffusion.sampling.{sampler}(model, x, sigmas), x = sigmas[0] * torch.randn(...) (EDM convention)",
+        f"# fewstep-search schedule {schedule.name!r} (solver {solver}): {calls_of(solver, schedule.nfe)} model calls",
+        f"# with {name}(model, x, sigmas), x = {scale!r} * torch.randn(...) (the start the search used)",
         f"sigmas = torch.tensor([{vals}], dtype=torch.float64)",
     ]
     if family == "flow":
@@ -237,7 +242,8 @@ def export_diffusers(
 ) -> dict[str, Any]:
     """What diffusers' Euler schedulers take for this model family (see the module docstring)."""
     if solver not in FIRST_ORDER_SOLVERS:
-        raise ValueError(f"diffusers' Euler schedulers are first order; this schedule was searched for {solver!r}")
+        raise ValueError(f"diffusers' Euler schedulers are first order and this schedule is for {solver!r}: use "
+                         "--format diffusers-folder (the package's scheduler runs it), json or k-diffusion")
     n = schedule.nfe
     if mu is not None and info.family != "flow":
         raise ValueError(f"mu is the FlowMatch scheduler's dynamic shift; this model is {info.family}, not flow")
@@ -274,76 +280,39 @@ def export_diffusers(
     return out
 
 
-# ---------------------------------------------------------------- fine-tuned models as diffusers folders
+@dataclass(frozen=True)
+class FormatStatus:
+    """Whether a format can honour a run's pair, and the one line that says how (or why not)."""
 
-_PREFIXES = ("unet.", "model.", "transformer.")
-
-
-def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    """The diffusers model's own keys from an adapter's state dict (`unet.` for the VP adapter, `model.` flow)."""
-    for p in _PREFIXES:
-        if state and all(k.startswith(p) for k in state):
-            return {k[len(p) :]: v for k, v in state.items()}
-    return state
+    name: str
+    works: bool
+    line: str
 
 
-def export_diffusers_folder(
-    base_folder: str | os.PathLike[str], checkpoint_safetensors: str | os.PathLike[str], out_dir: str | os.PathLike[str]
-) -> Path:
-    """Write `out_dir`: the base diffusers folder with its model replaced by the fine-tuned weights.
+def format_statuses(schedule: Schedule, *, kind: str, has_folder: bool) -> list[FormatStatus]:
+    """Every export format for a pair (`schedule` with its solver and family) of a model of `kind`, in order of
+    how much of the pair it carries; `has_folder`: the model is a diffusers folder (kinds diffusers, flow)."""
+    from fewstep_search.solvers import STEPS
 
-    `base_folder` is the folder the study loaded (a pipeline with `unet/` or `transformer/` + `scheduler/`, or a
-    model folder with `scheduler_config.json`); `checkpoint_safetensors` is Phase-2's state dict of the adapter
-    module the loader returned (`DiffusersUNetDenoiser`: keys `unet.*`; `FlowMatchDenoiser`: `model.*`).
-    The result is always the pipeline layout: `out_dir/<unet|transformer>/` (`save_pretrained`) and
-    `out_dir/scheduler/scheduler_config.json`, plus the base's other components and `model_index.json` as they
-    were. Written to a temporary folder and renamed, so a failure leaves no half folder; an existing non-empty
-    `out_dir` is refused.
-    """
-    from safetensors.torch import load_file
-
-    from fewstep_search.models.flow import diffusers_model_class, find_flow_layout
-
-    base, out = Path(base_folder).expanduser(), Path(out_dir).expanduser()
-    ckpt = Path(checkpoint_safetensors).expanduser()
-    model_dir, scheduler_file = find_flow_layout(base)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not an empty folder; choose another --out")
-    cls = diffusers_model_class(model_dir)
-    try:
-        state = _strip_prefix(load_file(str(ckpt)))
-    except Exception as e:  # safetensors raises its own error types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read checkpoint {ckpt}: {reason}") from e
-    model = cls.from_pretrained(model_dir, local_files_only=True, low_cpu_mem_usage=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        first = (list(missing) + list(unexpected))[0]
-        raise ValueError(
-            f"checkpoint {ckpt} does not fit {cls.__name__} of {base}: {len(missing)} missing and "
-            f"{len(unexpected)} unexpected keys (first: {first!r})"
-        )
-    sub = model_dir.name if model_dir != base else ("unet" if "UNet" in cls.__name__ else "transformer")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        if model_dir != base:  # a pipeline: keep its other components (vae, text encoders, model_index.json)
-            for entry in base.iterdir():
-                if entry.name in (sub, "scheduler"):
-                    continue
-                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
-        model.save_pretrained(tmp / sub)
-        (tmp / "scheduler").mkdir()
-        shutil.copy2(scheduler_file, tmp / "scheduler" / "scheduler_config.json")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    solver, family = schedule.solver, schedule.family
+    known = solver in K_DIFFUSION_SAMPLERS
+    out = [FormatStatus("json", known, f"sigmas ending in 0, solver {solver}" if known
+                        else f"no export for solver {solver!r}")]
+    out.append(FormatStatus("k-diffusion", known, f"a snippet for {K_DIFFUSION_SAMPLERS[solver]}" if known
+                            else f"no k-diffusion sampler for {solver!r}"))
+    first = solver in FIRST_ORDER_SOLVERS
+    out.append(FormatStatus("diffusers", first, "sigmas for diffusers' Euler / FlowMatch schedulers" if first
+                            else f"diffusers' Euler schedulers are first order, this schedule is for {solver}"))
+    if not has_folder:
+        why = f"model kind {kind!r} is not a diffusers folder (kinds diffusers and flow are)"
+    elif family not in ("vp", "flow"):
+        why = f"a {family} model has no diffusers pipeline"
+    elif solver not in STEPS:
+        why = f"the package's scheduler runs {', '.join(STEPS)}, not {solver}"
+    else:
+        why = ""
+    out.append(FormatStatus("diffusers-folder", not why, why or "a pipeline folder: weights, sigmas and the "
+                            "package's scheduler for " + solver))
     return out
 
 

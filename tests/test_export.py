@@ -7,6 +7,7 @@ honour refused); fine-tuned models as diffusers folders; the CLI on run director
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import warnings
@@ -25,8 +26,7 @@ from fewstep_search.schedules import Schedule, karras, log_uniform
 from fewstep_search.solvers import ddim, heun
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from fewstep_search.models.diffusers_adapter import DiffusersUNetDenoiser  # noqa: E402
 
@@ -115,12 +115,45 @@ def test_json_export() -> None:
         ex.export_json(s, family="ve")
 
 
-def test_k_diffusion_snippet_is_runnable_and_exact() -> None:
+@pytest.fixture
+def k_diffusion_stub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k-diffusion cannot be installed here (it pulls torchvision and wandb): a stand-in `k_diffusion.sampling` whose
+    samplers have k-diffusion's signature and run the project's solvers, so a snippet's import line executes."""
+    import sys
+    import types
+
+    from fewstep_search.solvers import get_solver
+
+    def wrap(name):
+        def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            return get_solver(name)(lambda v, sg: model(v, sg, **(extra_args or {})), x, sigmas)
+        return sampler
+
+    module = types.ModuleType("k_diffusion.sampling")
+    module.sample_euler, module.sample_heun, module.sample_dpmpp_2m = wrap("ddim"), wrap("heun"), wrap("dpmpp_2m")
+    package = types.ModuleType("k_diffusion")
+    package.sampling = module
+    monkeypatch.setitem(sys.modules, "k_diffusion", package)
+    monkeypatch.setitem(sys.modules, "k_diffusion.sampling", module)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "dpmpp_2m", "ipndm"])
+def test_k_diffusion_snippet_names_the_sampler_that_reproduces_the_tool(k_diffusion_stub, mix, solver) -> None:
+    from fewstep_search.solvers import sample
+
     s = karras(6, 0.002, 80.0)
+    text = ex.export_k_diffusion(s, solver=solver)
     ns: dict = {}
-    exec(ex.export_k_diffusion(s), ns)  # noqa: S102 - our own generated snippet
+    exec(text, ns)  # noqa: S102 - our own generated snippet
     assert torch.equal(ns["sigmas"], torch.as_tensor(ex.export_sigmas(s)))
-    assert "sample_euler" in ex.export_k_diffusion(s) and "sample_heun" in ex.export_k_diffusion(s, solver="heun")
+    name = ex.K_DIFFUSION_SAMPLERS[solver].rsplit(".", 1)[1]
+    noise = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counter = CallCounter(mix)
+    got = ns[name](lambda x, sigma: counter(x, sigma), 80.0 * noise, ns["sigmas"])  # the snippet's start: 80 * randn
+    torch.testing.assert_close(got, sample(mix, dataclasses.replace(s, solver=solver), noise), rtol=1e-12, atol=0)
+    assert counter.calls == ex.calls_of(solver, 6)
+    if solver == "ipndm":  # no stand-in: the package's own k-diffusion-signature sampler
+        assert "from fewstep_search.integrations.k_diffusion import sample_ipndm" in text
     ns = {}
     exec(ex.export_k_diffusion(karras(3, 1 / 999, 999.0), family="flow"), ns)  # noqa: S102
     torch.testing.assert_close(ns["t"], ns["sigmas"] / (1 + ns["sigmas"]), rtol=1e-15, atol=0)
@@ -298,65 +331,19 @@ def test_model_info_sees_through_the_checked_wrapper(mix) -> None:
 # ---------------------------------------------------------------- fine-tuned models as diffusers folders
 
 
-def _perturbed_checkpoint(module: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
-    """What Phase-2 writes: the adapter module's state dict (keys unchanged), here with changed weights."""
-    state = {k: (v + 0.01 * torch.randn_like(v)).contiguous() for k, v in module.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
-    return state
-
-
-def test_diffusers_folder_for_a_vp_unet(vp_folder: Path, tmp_path: Path) -> None:
-    den = DiffusersUNetDenoiser.from_pretrained(vp_folder)
-    state = _perturbed_checkpoint(den, tmp_path / "model.safetensors")
-    assert all(k.startswith("unet.") for k in state)
-    out = ex.export_diffusers_folder(vp_folder, tmp_path / "model.safetensors", tmp_path / "tuned")
-    unet = UNet2DModel.from_pretrained(out / "unet", local_files_only=True)
-    for k, v in unet.state_dict().items():
-        torch.testing.assert_close(v, state[f"unet.{k}"], rtol=0, atol=0)
-    again = DiffusersUNetDenoiser.from_pretrained(out)  # the pipeline layout our adapter reads
-    x, sig = torch.randn(2, *TINY_SHAPE), torch.tensor([1.0, 5.0])
-    den.load_state_dict(state)
-    torch.testing.assert_close(again(x, sig), den(x, sig))
-    with pytest.raises(ValueError, match="already exists"):
-        ex.export_diffusers_folder(vp_folder, tmp_path / "model.safetensors", tmp_path / "tuned")
-    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-
-
-def test_diffusers_folder_from_a_model_layout_base(tmp_path: Path) -> None:
-    base = save_model(tmp_path / "base", layout="model")
-    den = DiffusersUNetDenoiser.from_pretrained(base)
-    state = _perturbed_checkpoint(den, tmp_path / "m.safetensors")
-    out = ex.export_diffusers_folder(base, tmp_path / "m.safetensors", tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["scheduler", "unet"]
-    unet = UNet2DModel.from_pretrained(out / "unet", local_files_only=True)
-    torch.testing.assert_close(unet.state_dict()["conv_out.bias"], state["unet.conv_out.bias"])
-
-
-def test_diffusers_folder_for_a_flow_model_and_a_wrong_checkpoint(tmp_path: Path) -> None:
-    base = tmp_path / "flow"
-    tiny_unet(seed=4).save_pretrained(base / "unet")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(base / "scheduler")
-    (base / "model_index.json").write_text(json.dumps({"_class_name": "MyPipeline"}))
-    den = FlowMatchDenoiser.from_pretrained(base)
-    state = _perturbed_checkpoint(den, tmp_path / "ckpt.safetensors")
-    out = ex.export_diffusers_folder(base, tmp_path / "ckpt.safetensors", tmp_path / "out")
-    again = FlowMatchDenoiser.from_pretrained(out)
-    assert again.shift == 3.0 and (out / "model_index.json").is_file()
-    torch.testing.assert_close(again.state_dict()["model.conv_in.weight"], state["model.conv_in.weight"])
-    save_file({"unet.nope": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="does not fit"):
-        ex.export_diffusers_folder(base, tmp_path / "bad.safetensors", tmp_path / "out2")
-    assert not (tmp_path / "out2").exists()
-
-
 # ---------------------------------------------------------------- the CLI command
 
 
-def write_run(root: Path, model: dict, schedule: Schedule | dict, *, solver: str | None = None, **config) -> Path:
+def write_run(root: Path, model: dict, schedule: Schedule | dict, *, solver: str | None = None,
+              family: str | None = None, **config) -> Path:
+    """A run folder as the loop writes it; without `family` its best schedule has none (a run from before the
+    schedule carried it: the command asks the model)."""
     (root / "best").mkdir(parents=True)
     (root / "config.json").write_text(json.dumps({"nfe": 4, "model": model, **config}))
     data = schedule if isinstance(schedule, dict) else schedule.to_dict()
+    data = {k: v for k, v in data.items() if k != "family"}
+    if family:
+        data["family"] = family
     if solver:
         data = {**data, "solver": solver}
     (root / "best" / "schedule.json").write_text(json.dumps(data))
@@ -374,7 +361,7 @@ def test_parser_choices_match_the_module() -> None:
     assert cmd.FORMATS == ex.FORMATS and cmd.FAMILIES == ex.FAMILIES
 
 
-def test_cli_json_and_out_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_and_out_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], k_diffusion_stub) -> None:
     s = karras(4, 0.002, 80.0)
     run = write_run(tmp_path / "run", {"kind": "mixture", "options": {"dim": 2}}, s)
     assert run_export(str(run), "--format", "json") == 0
@@ -425,23 +412,6 @@ def test_cli_loads_a_flow_factory_to_ask_its_shift(tmp_path: Path, capsys) -> No
         _flow_sched().sigmas[:-1])), rtol=1e-12)
 
 
-def test_cli_diffusers_folder(tmp_path: Path, vp_folder: Path, capsys) -> None:
-    run = write_run(tmp_path / "run", {"kind": "diffusers", "path": str(vp_folder)}, karras(3, 0.01, 100.0))
-    with pytest.raises(FileNotFoundError, match="no fine-tuned model"):
-        run_export(str(run), "--format", "diffusers-folder", "--out", str(tmp_path / "o"))
-    state = _perturbed_checkpoint(DiffusersUNetDenoiser.from_pretrained(vp_folder), run / "best" / "model.safetensors")
-    with pytest.raises(ValueError, match="--out"):
-        run_export(str(run), "--format", "diffusers-folder")
-    run_export(str(run), "--format", "diffusers-folder", "--out", str(tmp_path / "o"))
-    assert "wrote" in capsys.readouterr().out
-    unet = UNet2DModel.from_pretrained(tmp_path / "o" / "unet", local_files_only=True)
-    torch.testing.assert_close(unet.state_dict()["conv_in.weight"], state["unet.conv_in.weight"])
-    mix_run = write_run(tmp_path / "mix", {"kind": "mixture"}, karras(3, 0.01, 100.0))
-    save_file({"w": torch.zeros(1)}, str(mix_run / "best" / "model.safetensors"))
-    with pytest.raises(ValueError, match="no diffusers folder"):
-        run_export(str(mix_run), "--format", "diffusers-folder", "--out", str(tmp_path / "o2"))
-
-
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_export(str(tmp_path / "missing"))
@@ -460,8 +430,11 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     (noconf / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="--family"):
         run_export(str(noconf))
-    assert run_export(str(noconf), "--family", "edm") == 0
+    assert run_export(str(noconf), "--family", "edm") == 0  # the listing
+    assert run_export(str(noconf), "--family", "edm", "--format", "json") == 0
     with pytest.raises(ValueError, match="--mu is for --format diffusers"):
+        run_export(str(noconf), "--family", "edm", "--format", "json", "--mu", "1.0")
+    with pytest.raises(ValueError, match="go with a --format"):
         run_export(str(noconf), "--family", "edm", "--mu", "1.0")
 
 
@@ -471,7 +444,7 @@ def test_cli_through_main_when_wired(tmp_path: Path, capsys) -> None:
     if "export" not in cli.COMMANDS:
         pytest.skip("`export` is not in fewstep_search.cli.COMMANDS yet")
     run = write_run(tmp_path / "run", {"kind": "mixture"}, karras(3, 0.01, 10.0))
-    assert cli.main(["export", str(run)]) == 0
+    assert cli.main(["export", str(run), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["sigmas"][-1] == 0.0
     assert cli.main(["export", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

@@ -1,13 +1,18 @@
-"""`fewstep-search export RUN_DIR --format json|k-diffusion|diffusers|diffusers-folder [--out FILE]`.
+"""`fewstep-search export RUN_DIR [--format json|k-diffusion|diffusers|diffusers-folder] [--out FILE]`.
 
-Turns a run's best schedule (RUN_DIR/best/schedule.json) into what a sampler takes, spending exactly the budget:
-sigma_min is replaced by 0, so N steps are N model calls. Formats:
+Turns a run's kept pair (RUN_DIR/best/schedule.json with its solver, and best/model.safetensors when a Phase-2
+round was kept) into what a sampler takes, spending exactly the budget: sigma_min is replaced by 0, so N steps
+are N model calls, and every score of the run used that same sampler. Without --format it lists the formats that
+work for this run. Formats:
 
   json              {"nfe": N, "sigmas": [N + 1 values ending in 0], "solver", "family", ...}
-  k-diffusion       a Python snippet: sigmas = torch.tensor([...]) for sample_euler(model, x, sigmas)
+  k-diffusion       a Python snippet: sigmas = torch.tensor([...]) and the sampler in k-diffusion's signature
+                    that runs the solver (k-diffusion's own, or the package's sample_ipndm)
   diffusers         what EulerDiscreteScheduler / FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...) take
-                    (the flow scheduler's own shift undone, its final 0 left to it; integer timesteps for DDPMs)
-  diffusers-folder  the fine-tuned model (RUN_DIR/best/model.safetensors) as a diffusers folder (--out DIR)
+                    (first-order solvers; the flow scheduler's own shift undone, integer timesteps for DDPMs)
+  diffusers-folder  a complete pipeline folder (--out DIR): the pair's weights and the package's FewstepScheduler,
+                    which runs every solver but Heun; load it after `import fewstep_search.integrations.
+                    diffusers_scheduler` with DiffusionPipeline.from_pretrained(DIR)
 
 The model's family (EDM, VP, flow) comes from RUN_DIR/config.json: folder models are read from their scheduler
 config, a user factory is loaded to ask it (or pass --family). Prints to stdout unless --out is given.
@@ -35,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by `run` or `search`")
-    p.add_argument("--format", choices=FORMATS, default="json", help="what to export (default json)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="what to export (default: list the formats that work for this run)")
     p.add_argument("--out", type=Path, default=None, help="write to this file (a folder for diffusers-folder)")
     p.add_argument("--family", choices=FAMILIES, default=None, help="the model's family, instead of asking it")
     p.add_argument(
@@ -125,28 +131,73 @@ def model_info_of(model: dict[str, Any], base_dir: Path | None) -> Any:
         scheduler_file = find_layout(path)[1]
         return ModelInfo(family="vp", vp=vp_from_scheduler_config(read_scheduler_config(scheduler_file)))
     if kind == "flow" and path is not None:
+        from fewstep_search.models.diffusers_adapter import read_scheduler_config
         from fewstep_search.models.flow import FLOW_SCHEDULER, find_flow_layout
 
-        config = _read_json(find_flow_layout(path)[1], "scheduler config")
+        config = read_scheduler_config(find_flow_layout(path)[1])
         if config.get("_class_name") != FLOW_SCHEDULER:
             raise ValueError(f"{path}: the scheduler is a {config.get('_class_name')}, not a {FLOW_SCHEDULER}")
         return ModelInfo(family="flow", shift=float(config.get("shift", 1.0)), scheduler_config=config)
     return model_info(_load(model, base_dir))
 
 
+def _with_family(schedule: Any, data: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The kept schedule with the model's family: the run's record, else --family, else asked of the model."""
+    import dataclasses
+
+    if "family" in data:
+        if args.family is not None and args.family != data["family"]:
+            raise ValueError(f"--family {args.family} contradicts the run, whose model is {data['family']}")
+        return schedule
+    if args.family is not None:
+        return dataclasses.replace(schedule, family=args.family)
+    config = run_config(args.run_dir)
+    return dataclasses.replace(schedule, family=model_info_of(config["model"], _base_dir(args, config)).family)
+
+
+def listing(args: argparse.Namespace) -> str:
+    """What `export RUN_DIR` without --format prints: every format, whether it works here, and the command."""
+    from fewstep_search import export
+
+    schedule, data = read_run(args.run_dir)
+    schedule = _with_family(schedule, data, args)
+    config = run_config(args.run_dir) if (args.run_dir / "config.json").is_file() else {"model": {"kind": "?"}}
+    kind = str(config["model"].get("kind"))
+    rows = export.format_statuses(schedule, kind=kind, has_folder=kind in ("diffusers", "flow") and
+                                  bool(config["model"].get("path")))
+    lines = [f"{args.run_dir}: {schedule.nfe} steps, solver {schedule.solver}, {schedule.family} model ({kind})"]
+    for row in rows:
+        cmd = f"fewstep-search export {args.run_dir} --format {row.name}" + (
+            " --out DIR" if row.name == "diffusers-folder" else "")
+        lines.append(f"  {'yes' if row.works else 'no ':3}  {row.name:17} {row.line}")
+        if row.works:
+            lines.append(f"       {cmd}")
+    lines.append(f"  ...  {'comfyui':17} the FewstepSigmas node (integrations/comfyui) reads "
+                 f"{args.run_dir / 'best' / 'schedule.json'} and names ComfyUI's matching sampler")
+    return "\n".join(lines) + "\n"
+
+
 def render(args: argparse.Namespace) -> str | None:
     """The export's text (None for diffusers-folder, which writes a folder)."""
     from fewstep_search import export
 
+    if args.format is None:
+        if args.out is not None or args.mu is not None:
+            raise ValueError("--out and --mu go with a --format; run `export RUN_DIR` alone to list the formats")
+        return listing(args)
     schedule, data = read_run(args.run_dir)
-    solver = str(data.get("solver", "ddim"))
-    if args.format in ("json", "k-diffusion") and args.family is not None:
+    solver = schedule.solver
+    if args.format in ("json", "k-diffusion") and "family" in data:
+        if args.family is not None and args.family != data["family"]:
+            raise ValueError(f"--family {args.family} contradicts the run, whose model is {data['family']}")
+        family = str(data["family"])
+    elif args.format in ("json", "k-diffusion") and args.family is not None:
         family = args.family  # nothing else is needed: the config is not read
     else:
         config = run_config(args.run_dir)
         model, base_dir = config["model"], _base_dir(args, config)
         if args.format == "diffusers-folder":
-            return _folder(args, model, _model_path(model, base_dir))
+            return _folder(args, _with_family(schedule, data, args), data, model, base_dir)
         info = model_info_of(model, base_dir)
         if args.family is not None and args.family != info.family:
             raise ValueError(f"--family {args.family} contradicts the model, which is {info.family}")
@@ -160,18 +211,32 @@ def render(args: argparse.Namespace) -> str | None:
     return export.export_k_diffusion(schedule, family=family, solver=solver)
 
 
-def _folder(args: argparse.Namespace, model: dict[str, Any], path: Path | None) -> None:
-    from fewstep_search.export import export_diffusers_folder
+def _folder(args: argparse.Namespace, schedule: Any, data: dict[str, Any], model: dict[str, Any],
+            base_dir: Path | None) -> None:
+    """Load the kept pair once (the base model, then Phase-2's weights when a round was kept) and write it."""
+    from fewstep_search.integrations.pipeline_folder import export_diffusers_folder
+    from fewstep_search.models.source import load_checkpoint_into, trainable_module
 
+    path = _model_path(model, base_dir)
     ckpt = args.run_dir / "best" / "model.safetensors"
     if args.out is None:
         raise ValueError("--format diffusers-folder writes a folder: pass --out DIR")
     if model["kind"] not in ("diffusers", "flow") or path is None:
-        raise ValueError(f"model kind {model['kind']!r} has no diffusers folder (only kinds diffusers and flow do)")
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{args.run_dir} has no fine-tuned model ({ckpt} is missing; Phase-2 writes it)")
-    out = export_diffusers_folder(path, ckpt, args.out)
-    print(f"wrote {out} (fine-tuned {path.name} + its scheduler config)")
+        raise ValueError(f"model kind {model['kind']!r} has no diffusers folder (only kinds diffusers and flow do); "
+                         "use --format json or k-diffusion")
+    tuned = int(data.get("round", 0)) > 0
+    if tuned and not ckpt.is_file():
+        raise FileNotFoundError(f"{args.run_dir} kept round {data['round']}'s pair but has no fine-tuned model "
+                                f"({ckpt} is missing)")
+    den = _load(model, base_dir)
+    if ckpt.is_file():
+        module = trainable_module(den)
+        if module is None:
+            raise ValueError(f"model kind {model['kind']!r} has no weights to load {ckpt} into")
+        load_checkpoint_into(module, ckpt)
+    out = export_diffusers_folder(den, path, args.out, schedule=schedule)
+    what = f"round {data.get('round')}'s fine-tuned weights" if ckpt.is_file() else "the untouched weights"
+    print(f"wrote {out}: {what}, {schedule.nfe} steps of {schedule.solver} (FewstepScheduler)")
     return None
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 from fewstep_search.commands._options import add_run_options, resolve_config
 
@@ -61,9 +63,23 @@ def execute(args: argparse.Namespace, *, rounds: int | None = None) -> int:
                   f"{rundir.path}/{where}")
     if figures:
         console.print("figures: " + ", ".join(str(f) for f in figures))
-    console.print(f"export: fewstep-search export {rundir.path} --format diffusers")
+    console.print(f"export: {export_command(best, config, rundir.path)}  (`fewstep-search export "
+                  f"{rundir.path}` lists every format)")
     console.print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def export_command(best: dict[str, Any], config: Any, run_dir: Path) -> str:
+    """The export command that carries most of the kept pair and works for it (`export.format_statuses`)."""
+    from fewstep_search.export import format_statuses
+    from fewstep_search.schedules import Schedule
+
+    kind = config.model.kind
+    rows = {r.name: r for r in format_statuses(Schedule.from_dict(best), kind=kind,
+                                               has_folder=kind in ("diffusers", "flow") and bool(config.model.path))}
+    name = next((n for n in ("diffusers-folder", "k-diffusion", "json") if rows[n].works), "json")
+    return f"fewstep-search export {run_dir} --format {name}" + (
+        f" --out {run_dir}/diffusers" if name == "diffusers-folder" else "")
 
 
 def run(args: argparse.Namespace) -> int:

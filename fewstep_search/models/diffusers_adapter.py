@@ -38,6 +38,8 @@ __all__ = [
     "DiffusersUNetDenoiser",
     "find_layout",
     "read_scheduler_config",
+    "FEWSTEP_SCHEDULER",
+    "BASE_CONFIG_KEY",
     "vp_from_scheduler_config",
     "vp_output_to_x0",
 ]
@@ -74,14 +76,29 @@ def find_layout(root: Path) -> tuple[Path, Path]:
     )
 
 
+FEWSTEP_SCHEDULER = "FewstepScheduler"
+"""The `_class_name` of an exported folder's scheduler (`fewstep_search.integrations.diffusers_scheduler`); its
+config keeps the model's own scheduler config under `BASE_CONFIG_KEY`."""
+BASE_CONFIG_KEY = "base_config"
+
+
 def read_scheduler_config(path: Path) -> dict[str, Any]:
-    """The JSON object in a `scheduler_config.json`, with a clear error naming the file."""
+    """The JSON object in a `scheduler_config.json`, with a clear error naming the file.
+
+    An exported folder's `FewstepScheduler` config stands for the model's own scheduler config, which it keeps:
+    that one is returned, so a fine-tuned export loads as a model again (its noise schedule, shift, ...).
+    """
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read scheduler config {path}: {e}") from e
     if not isinstance(config, dict):
         raise ModelLoadError(f"scheduler config {path} is not a JSON object")
+    if config.get("_class_name") == FEWSTEP_SCHEDULER:
+        base = config.get(BASE_CONFIG_KEY)
+        if not isinstance(base, dict):
+            raise ModelLoadError(f"{path}: a {FEWSTEP_SCHEDULER} config without the model's own ({BASE_CONFIG_KEY})")
+        return base
     return config
 
 
@@ -219,14 +236,15 @@ class DiffusersUNetDenoiser(nn.Module):
         elif sig.numel() != x.shape[0]:
             raise ValueError(f"sigma has {sig.numel()} values for a batch of {x.shape[0]}")
         alpha = torch.rsqrt(1.0 + sig**2).reshape(-1, *([1] * (x.ndim - 1)))
-        out = self.unet((x64 * alpha).to(model_dtype), self._timesteps(sig), return_dict=False)[0]
+        out = self.unet((x64 * alpha).to(model_dtype), self.model_timesteps(sig), return_dict=False)[0]
         if self.learned_variance:
             out = out[:, : x.shape[1]]
         d = vp_output_to_x0(out.to(torch.float64), x=x64, sigma=sig, prediction_type=self.prediction_type)
         return d.to(device=x.device, dtype=x.dtype)
 
-    def _timesteps(self, sigma: Tensor) -> Tensor:
-        """Model timesteps of sigma~: fractional (differentiable) or nearest trained integer timestep."""
+    def model_timesteps(self, sigma: Tensor) -> Tensor:
+        """The timesteps the network is called with at sigma~: fractional (differentiable, float32) or the nearest
+        trained integer timestep. An exported scheduler calls the network with these same values."""
         if self.timestep_mode == "nearest":
             t = self.vp.t(sigma.detach().cpu().numpy(), nearest=True)
             return torch.as_tensor(t, device=sigma.device).long()

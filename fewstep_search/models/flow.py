@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fewstep_search.models.diffusers_adapter import read_scheduler_config
 from fewstep_search.models.errors import ModelLoadError
 
 if TYPE_CHECKING:  # the loader registry imports this module lazily; no import cycle at run time
@@ -50,6 +51,7 @@ __all__ = [
     "shift_t",
     "unshift_t",
     "trained_t_range",
+    "flow_output_to_x0",
     "find_flow_layout",
     "diffusers_model_class",
     "load_flow",
@@ -92,6 +94,13 @@ def unshift_t(t: np.ndarray | float, shift: float) -> np.ndarray:
     """Inverse of `shift_t`: the value to hand the scheduler so that it runs t, `t / (s - (s - 1) t)`."""
     t = np.asarray(t, dtype=np.float64)
     return t / (shift - (shift - 1.0) * t)
+
+
+def flow_output_to_x0(v: Tensor, *, x_t: Tensor, sigma: Tensor) -> Tensor:
+    """`D = x_t - t v` (t = sigma / (1 + sigma)): the posterior mean from a velocity `v = eps - x0` at the flow state
+    x_t [B, *shape], sigma [B]; the one place the flow map is written (the adapter and the exported scheduler)."""
+    t = sigma / (1.0 + sigma)
+    return x_t - t.reshape((-1,) + (1,) * (x_t.ndim - 1)) * v
 
 
 def trained_t_range(num_train_timesteps: int) -> tuple[float, float]:
@@ -183,17 +192,21 @@ class FlowMatchDenoiser(nn.Module):
         elif sig.numel() != x.shape[0]:
             raise ValueError(f"sigma has {sig.numel()} values for a batch of {x.shape[0]}")
         view = (-1,) + (1,) * (x.ndim - 1)
-        t = sig / (1.0 + sig)
         x_t = x64 / (1.0 + sig).reshape(view)  # (1 - t) x, without forming 1 - t
         raw = (self.model if self.model is not None else self._fn)(  # type: ignore[misc]
-            x_t.to(run_dtype), (t * self.timestep_scale).to(run_dtype)
+            x_t.to(run_dtype), self.model_timesteps(sig).to(run_dtype)
         )
         v = _unwrap(raw)
         if not isinstance(v, Tensor) or v.shape != x.shape:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(f"velocity model {self.name} returned {got} for input shape {tuple(x.shape)}")
-        d = x_t - t.reshape(view) * v.to(torch.float64)
+        d = flow_output_to_x0(v.to(torch.float64), x_t=x_t, sigma=sig)
         return d.to(device=x.device, dtype=x.dtype)
+
+    def model_timesteps(self, sigma: Tensor) -> Tensor:
+        """The timesteps the network is called with at sigma: `t * timestep_scale`, t = sigma / (1 + sigma) (float64;
+        cast to the network's dtype at the call). An exported scheduler calls the network with these values."""
+        return sigma / (1.0 + sigma) * self.timestep_scale
 
     @classmethod
     def from_pretrained(
@@ -216,7 +229,7 @@ class FlowMatchDenoiser(nn.Module):
         """
         root = Path(path).expanduser()
         model_dir, scheduler_file = find_flow_layout(root)
-        config = _read_json(scheduler_file, "scheduler config")
+        config = read_scheduler_config(scheduler_file)
         if config.get("_class_name") != FLOW_SCHEDULER:
             raise ModelLoadError(
                 f"{scheduler_file} configures a {config.get('_class_name', 'unknown scheduler')}, not a "
