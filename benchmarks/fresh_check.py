@@ -39,7 +39,7 @@ from fewstep_search.metrics import sample_quality
 from fewstep_search.models.source import ModelSource
 from fewstep_search.quality import QUALITY_SAMPLES, sample
 from fewstep_search.schedules import Schedule, make_schedule
-from fewstep_search.solvers import get_solver, reference
+from fewstep_search.solvers import get_solver, reference, sampling_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
@@ -52,20 +52,20 @@ SEED_BASE = 10_000
 
 def fresh_references(teacher: Denoiser, n: int, sigma_min: float, sigma_max: float,
                      batch: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_start, x0*) of `n` fresh trajectories, solved as the bank solves its own (float64); another `seed`
-    draws another set (a setting picked on one set is reported on another)."""
+    """(x_start, x0*) of `n` fresh trajectories, solved as the bank solves its own (float64, then the step into 0:
+    the clean end x*(0)); another `seed` draws another set (a setting picked on one set is reported on another)."""
     gen = torch.Generator().manual_seed(SEED_BASE + seed)
     x = torch.randn((n, *SHAPE), generator=gen, dtype=torch.float64) * sigma_max
-    grid = log_grid(sigma_min, sigma_max, 128).to(torch.float64)
+    grid = torch.cat([log_grid(sigma_min, sigma_max, 128).to(torch.float64), torch.zeros(1, dtype=torch.float64)])
     with torch.no_grad():
         ends = [reference(teacher, x[lo:lo + batch], grid, substeps=2) for lo in range(0, n, batch)]
     return x, torch.cat(ends)
 
 
 def errors(den: Denoiser, sched: Schedule, solver: str, x: torch.Tensor, x0: torch.Tensor) -> np.ndarray:
-    """Per-trajectory ||Solve(x) - x0*||."""
+    """Per-trajectory ||Solve(x) - x0*||, the scored sampler (its last step into 0)."""
     with torch.no_grad():
-        out = get_solver(solver)(den, x, sched.tensor(dtype=x.dtype))
+        out = get_solver(solver)(den, x, sampling_sigmas(sched.tensor(dtype=x.dtype)))
     return (out - x0).flatten(1).norm(dim=1).numpy()
 
 

@@ -44,7 +44,7 @@ from fewstep_search.models.source import ModelSource, load_checkpoint_into
 from fewstep_search.objectives import grid_cost_matrix, true_error
 from fewstep_search.phase2 import fine_tune
 from fewstep_search.schedules import Schedule, make_schedule
-from fewstep_search.solvers import get_solver
+from fewstep_search.solvers import get_solver, sampling_sigmas
 from fewstep_search.study.phase2 import Phase2Spec
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -96,7 +96,7 @@ def _fd(den: Any, sigmas: Tensor, n: int, seed: int, solver: str = "ddim") -> fl
     g = torch.Generator().manual_seed(seed)
     x = SIGMA_MAX * torch.randn(n, 1, 8, 8, generator=g)
     solve = get_solver(solver)
-    out = torch.cat([solve(den, x[i : i + 500], sigmas.float()) for i in range(0, n, 500)])
+    out = torch.cat([solve(den, x[i : i + 500], sampling_sigmas(sigmas.float())) for i in range(0, n, 500)])
     return sample_quality(out).fd
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from fewstep_search import __version__
 
 # name -> module under fewstep_search.commands
-COMMANDS: tuple[str, ...] = ("run", "search", "export", "dashboard", "pretrain")
+COMMANDS: tuple[str, ...] = ("run", "search", "export", "eval", "dashboard", "pretrain")
 
 
 def build_parser() -> argparse.ArgumentParser:

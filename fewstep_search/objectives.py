@@ -35,6 +35,7 @@ __all__ = [
     "grid_cost_matrix",
     "bound",
     "true_error",
+    "trajectory_errors",
     "grid_bound",
     "check_endpoints",
 ]
@@ -151,12 +152,27 @@ def _has_trainable_weights(denoiser: object) -> bool:
     return isinstance(denoiser, torch.nn.Module) and any(p.requires_grad for p in denoiser.parameters())
 
 
-def _chunk_error_sum(denoiser: Denoiser, bank: Bank, solve, sigmas: Tensor, lo: int, hi: int) -> Tensor:
-    """sum_k ||Solve_s(x_N^k) - x0*^k|| over trajectories lo:hi, in float64, the last step into 0."""
+def _chunk_errors(denoiser: Denoiser, bank: Bank, solve, sigmas: Tensor, lo: int, hi: int) -> Tensor:
+    """[hi - lo] ||Solve_s(x_N^k) - x0*^k|| of trajectories lo:hi, in float64, the last step into 0."""
     x = bank.x_start[lo:hi]
     den = bind_condition(denoiser, None if bank.cond is None else bank.cond[lo:hi])
     out = solve(den, x, sampling_sigmas(sigmas.to(device=x.device, dtype=x.dtype)))
-    return (out - bank.x_end[lo:hi].to(out)).flatten(1).norm(dim=1).double().sum()
+    return (out - bank.x_end[lo:hi].to(out)).flatten(1).norm(dim=1).double()
+
+
+def _chunk_error_sum(denoiser: Denoiser, bank: Bank, solve, sigmas: Tensor, lo: int, hi: int) -> Tensor:
+    return _chunk_errors(denoiser, bank, solve, sigmas, lo, hi).sum()
+
+
+@torch.no_grad()
+def trajectory_errors(denoiser: Denoiser, bank: Bank, sigmas: Tensor, *, solver: str = "ddim",
+                      batch_size: int | None = None) -> Tensor:
+    """[K] float64: each trajectory's error `||Solve_s(x_N^k) - x0*^k||` (`true_error` is their mean), for
+    intervals and paired comparisons over trajectories."""
+    check_endpoints(bank, sigmas)
+    solve, k = get_solver(solver), bank.n_trajectories
+    chunk = batch_size or k
+    return torch.cat([_chunk_errors(denoiser, bank, solve, sigmas, lo, lo + chunk).cpu() for lo in range(0, k, chunk)])
 
 
 class _ChunkedTrueError(torch.autograd.Function):

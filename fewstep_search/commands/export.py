@@ -155,8 +155,8 @@ def _with_family(schedule: Any, data: dict[str, Any], args: argparse.Namespace) 
     return dataclasses.replace(schedule, family=model_info_of(config["model"], _base_dir(args, config)).family)
 
 
-def listing(args: argparse.Namespace) -> str:
-    """What `export RUN_DIR` without --format prints: every format, whether it works here, and the command."""
+def _statuses(args: argparse.Namespace) -> tuple[Any, str, list[Any]]:
+    """(the kept schedule with its family, the model kind, every format's status for this run)."""
     from fewstep_search import export
 
     schedule, data = read_run(args.run_dir)
@@ -165,6 +165,21 @@ def listing(args: argparse.Namespace) -> str:
     kind = str(config["model"].get("kind"))
     rows = export.format_statuses(schedule, kind=kind, has_folder=kind in ("diffusers", "flow") and
                                   bool(config["model"].get("path")))
+    return schedule, kind, rows
+
+
+def refuse_unless_it_works(args: argparse.Namespace) -> None:
+    """One line naming why --format cannot honour this run's pair and the formats that can."""
+    _, _, rows = _statuses(args)
+    status = next(r for r in rows if r.name == args.format)
+    if not status.works:
+        working = ", ".join(r.name for r in rows if r.works) or "none"
+        raise ValueError(f"--format {args.format}: {status.line}; this run exports as: {working}")
+
+
+def listing(args: argparse.Namespace) -> str:
+    """What `export RUN_DIR` without --format prints: every format, whether it works here, and the command."""
+    schedule, kind, rows = _statuses(args)
     lines = [f"{args.run_dir}: {schedule.nfe} steps, solver {schedule.solver}, {schedule.family} model ({kind})"]
     for row in rows:
         cmd = f"fewstep-search export {args.run_dir} --format {row.name}" + (
@@ -185,6 +200,8 @@ def render(args: argparse.Namespace) -> str | None:
         if args.out is not None or args.mu is not None:
             raise ValueError("--out and --mu go with a --format; run `export RUN_DIR` alone to list the formats")
         return listing(args)
+    if (args.run_dir / "config.json").is_file() or args.format not in ("json", "k-diffusion"):
+        refuse_unless_it_works(args)
     schedule, data = read_run(args.run_dir)
     solver = schedule.solver
     if args.format in ("json", "k-diffusion") and "family" in data:
