@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -187,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             spec = Phase2Spec(**{"max_minutes": a.minutes, "seed": a.seed, **common, **_parse_pairs(pairs)})
             out_dir = a.out / f"{stamp}_n{nfe}_{name or 'default'}"
             res = fine_tune(
-                teacher=ModelSource(kind="digits"), student=ModelSource(kind="digits"), schedule=sched, bank=bank,
-                spec=spec, out_dir=out_dir, engine=a.engine, solver=a.solver,
+                teacher=ModelSource(kind="digits"), student=ModelSource(kind="digits"),
+                schedule=dataclasses.replace(sched, solver=a.solver), bank=bank, spec=spec, out_dir=out_dir,
+                engine=a.engine,
                 on_epoch=lambda m, nfe=nfe, name=name: print(
                     f"  N={nfe} {name} epoch {m['epoch']} step {m['step']} {m['seconds']:.0f}s loss {m['loss']:.4f} "
                     f"select {m['select_error']:.4f} test {m['test_error']:.4f} [{m['mode']}]", file=sys.stderr),

@@ -11,13 +11,10 @@ reference trajectories no earlier choice looked at, 256 by default; the test set
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
-
 import torch
 
 from fewstep_search.bank import Bank
+from fewstep_search.candidate import Candidate
 from fewstep_search.denoiser import Denoiser
 from fewstep_search.objectives import true_error
 from fewstep_search.schedules import Schedule
@@ -29,46 +26,43 @@ IMPROVEMENT = 0.01
 stops."""
 
 
-def keep_error(model: Denoiser, schedule: Schedule, keep: Bank | None, *, solver: str,
+def keep_error(model: Denoiser, schedule: Schedule, keep: Bank | None, *,
                batch_size: int | None = None) -> dict[str, float]:
-    """`{"keep_error": E}` of a pair on the keep set (empty without one)."""
+    """`{"keep_error": E}` of a pair (the model with the schedule's own solver) on the keep set (empty without one)."""
     if keep is None:
         return {}
     with torch.no_grad():
-        e = true_error(model, keep, schedule.tensor(device=keep.device), solver=solver, batch_size=batch_size)
+        e = true_error(model, keep, schedule.tensor(device=keep.device), solver=schedule.solver,
+                       batch_size=batch_size)
     return {"keep_error": float(e)}
 
 
 class BestPair:
-    """The best pair so far and the previous round's error, on one deciding set.
+    """The best pair so far and the previous round's error, on one deciding set (keep, or select without one).
 
-    Starts at Phase-1's pair (round 0, the untouched model); `offer` each round's metrics in order."""
+    Starts at Phase-1's pair (round 0, the untouched model); `offer` each round's pair in order."""
 
-    def __init__(self, phase1: Mapping[str, Any], schedule: Mapping[str, Any], *, on_keep_set: bool) -> None:
-        self.decide = "keep_error" if on_keep_set else "select_error"
-        self.row: dict[str, Any] = {"round": 0, **phase1, "schedule": dict(schedule), "model": None}
-        self.previous = float(self.row[self.decide])
+    def __init__(self, first: Candidate, *, on_keep_set: bool) -> None:
+        self.decide = "keep" if on_keep_set else "select"
+        self.best = first
+        self.previous = first.scores.on(self.decide)
 
     @property
     def set_name(self) -> str:
         """The set the decisions are taken on ("keep" or "select"), for notes."""
-        return self.decide.removesuffix("_error")
+        return self.decide
 
-    def offer(self, metrics: Mapping[str, Any], model: Path) -> bool:
-        """Keep round `metrics["round"]`'s pair (weights at `model`) when it beats the best; True when kept."""
-        if metrics[self.decide] >= self.row[self.decide]:
+    def offer(self, pair: Candidate) -> bool:
+        """Keep `pair` when it beats the best on the deciding set; True when kept."""
+        if pair.scores.on(self.decide) >= self.best.scores.on(self.decide):
             return False
-        sched = metrics["schedule"]
-        self.row = {"round": metrics["round"], "name": sched["name"], "select_error": metrics["select_error"],
-                    "test_error": metrics["test_error"], "solver": sched.get("solver", "ddim"),
-                    "schedule": dict(sched), "model": str(model),
-                    **{k: metrics[k] for k in ("keep_error", "fd") if k in metrics}}
+        self.best = pair
         return True
 
-    def stalled(self, metrics: Mapping[str, Any]) -> bool:
-        """Whether this round lowered the deciding error by less than `IMPROVEMENT` against the previous pair's (the
-        one it started from); moves `previous` on."""
-        value = float(metrics[self.decide])
+    def stalled(self, pair: Candidate) -> bool:
+        """Whether this round's pair lowered the deciding error by less than `IMPROVEMENT` against the previous
+        pair's (the one it started from); moves `previous` on."""
+        value = pair.scores.on(self.decide)
         stalled = value > self.previous * (1 - IMPROVEMENT)
         self.previous = value
         return stalled

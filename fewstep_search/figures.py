@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fewstep_search.candidate import Candidate
 from fewstep_search.pictures import save_sample_grid
 from fewstep_search.quality import sample
 from fewstep_search.resolve import model_source
 from fewstep_search.rundir import RunDir
-from fewstep_search.schedules import Schedule
 from fewstep_search.study import StudyConfig
 
 __all__ = ["write_run_figures", "pairs_of"]
@@ -91,8 +91,8 @@ def write_run_figures(rundir: RunDir, results: Mapping[str, Any], config: StudyC
     rows = {}
     for label, row, checkpoint in pairs:
         den = teacher if checkpoint is None else base.with_checkpoint(checkpoint).load(cache=False)
-        sched = Schedule(row["sigmas"])
-        rows[label] = sample(den, sched, n=_GRID_SAMPLES, shape=shape, seed=0, solver=row.get("solver", "ddim"),
+        sched = Candidate.from_row(row).schedule
+        rows[label] = sample(den, sched, n=_GRID_SAMPLES, shape=shape, seed=0, solver=sched.solver,
                              device=config.device)
     written.append(save_sample_grid(rundir.path / "samples.png", rows))
     return written

@@ -20,6 +20,7 @@ from its last epoch checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -31,6 +32,7 @@ from fewstep_search import best_pair
 from fewstep_search.bank import Bank
 from fewstep_search.bank.student import student_bank
 from fewstep_search.best_pair import BestPair, keep_error
+from fewstep_search.candidate import Candidate, Scores
 from fewstep_search.denoiser import Denoiser, family_of
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.phase1.engine import Executor, InProcessExecutor, TrialContext, run_phase1
@@ -246,12 +248,13 @@ class _Run:
         self.rundir.write_phase1(r, summary)
         return summary
 
-    def evaluate(self, model: Denoiser, schedule: Schedule, bank: Bank, keep: Bank | None, *,
-                 solver: str) -> dict[str, Any]:
-        """Select, keep and test E of a pair, and its sample quality where the model has data."""
+    def evaluate(self, model: Denoiser, schedule: Schedule, bank: Bank, keep: Bank | None) -> dict[str, Any]:
+        """Select, keep and test E of a pair (the schedule with its own solver), and its sample quality where the
+        model has data."""
+        solver = schedule.solver
         scores = score_schedule(model, bank.to(self.config.device), schedule, solver=solver,
                                 batch_size=self.config.bank.batch_size, parts=("select", "test"))
-        scores.update(keep_error(model, schedule, keep, solver=solver, batch_size=self.config.bank.batch_size))
+        scores.update(keep_error(model, schedule, keep, batch_size=self.config.bank.batch_size))
         quality = sample_quality_of(model, schedule, solver=solver, device=self.config.device)
         by_cond = errors_by_condition(model, bank.test().to(self.config.device), schedule, solver=solver,
                                       batch_size=self.config.bank.batch_size)
@@ -259,10 +262,6 @@ class _Run:
                 **({"keep_error": scores["keep_error"]} if "keep_error" in scores else {}),
                 **({"fd": quality["fd"], "confidence": quality["confidence"]} if quality else {}),
                 **({"test_error_by_condition": by_cond} if by_cond else {})}
-
-
-def _schedule_of(row: Mapping[str, Any]) -> Schedule:
-    return Schedule(row["sigmas"], name=str(row.get("name", "schedule")), solver=str(row.get("solver", "ddim")))
 
 
 def _phase2_pick(phase1: Mapping[str, Any], train_for: str = "first_order") -> Mapping[str, Any]:
@@ -304,7 +303,11 @@ def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None =
 
 
 def _rounds(run: _Run, bank: Bank, keep: Bank | None, rounds: int) -> dict[str, Any]:
-    config, rundir = run.config, run.rundir
+    config, rundir, family = run.config, run.rundir, family_of(run.teacher)
+
+    def pair(row: Mapping[str, Any], **where: Any) -> Candidate:  # a run-folder row as the model's pair
+        return Candidate.from_row(row, family=family, **where)
+
     p1 = run.phase1(1, bank, run.teacher_source, phase2_follows=rounds > 0)
     heur = p1["best_heuristic"]
     baselines: dict[str, Any] = {
@@ -318,13 +321,13 @@ def _rounds(run: _Run, bank: Bank, keep: Bank | None, rounds: int) -> dict[str, 
                                        "test_error": heur["test_error"], "solver": heur["solver"]}
     for key, row in (("best_heuristic", heur), ("phase1", p1["best"])):
         if row is not None:
-            q = sample_quality_of(run.teacher, _schedule_of(row), solver=row["solver"], device=config.device)
+            q = sample_quality_of(run.teacher, pair(row).schedule, solver=pair(row).solver, device=config.device)
             if q is not None:
                 baselines[key].update(fd=q["fd"], confidence=q["confidence"])
     batch = config.bank.batch_size
-    baselines["phase1"].update(keep_error(run.teacher, _schedule_of(p1["best"]), keep, solver=p1["best"]["solver"],
-                                          batch_size=batch))
-    best = BestPair(baselines["phase1"], p1["best"], on_keep_set=keep is not None)
+    baselines["phase1"].update(keep_error(run.teacher, pair(p1["best"]).schedule, keep, batch_size=batch))
+    best = BestPair(pair(p1["best"]).with_scores(keep=baselines["phase1"].get("keep_error"),
+                                                 fd=baselines["phase1"].get("fd")), on_keep_set=keep is not None)
     history: list[dict[str, Any]] = []
     current, current_den = run.teacher_source, run.teacher
     for r in range(1, rounds + 1):
@@ -338,35 +341,32 @@ def _rounds(run: _Run, bank: Bank, keep: Bank | None, rounds: int) -> dict[str, 
             p1 = run.phase1(r, student or bank, current, phase2_follows=True)
         metrics = rundir.finished_round(r)
         if metrics is None:
-            pick = _phase2_pick(p1, run.config.phase2.train_for)
-            if pick is not p1["best"]:
+            row = _phase2_pick(p1, run.config.phase2.train_for)
+            if row is not p1["best"]:
                 run.note(f"round {r}: the search's winner uses {p1['best']['solver']}; Phase-2 trains for "
                          f"{config.phase2.train_for.replace('_', '-')} solvers, on the best such candidate "
-                         f"({pick['name']}, {pick['solver']})")
-            metrics = _phase2_round(run, r, bank, keep, current, _schedule_of(pick), pick)
+                         f"({row['name']}, {pair(row).solver})")
+            metrics = _phase2_round(run, r, bank, keep, current, pair(row), row)
         current = run.teacher_source.with_checkpoint(rundir.model_path(r))
         current_den = current.load(cache=False)
-        if best.decide not in metrics:  # a round finished before this run had a keep set: scored on it now
-            metrics = {**metrics, **keep_error(current_den, _schedule_of(metrics["schedule"]), keep,
-                                               solver=metrics["schedule"].get("solver", "ddim"), batch_size=batch)}
+        if f"{best.decide}_error" not in metrics:  # a round finished before this run had a keep set: scored now
+            metrics = {**metrics, **keep_error(current_den, pair(metrics["schedule"]).schedule, keep, batch_size=batch)}
             rundir.write_round(r, metrics)
         history.append(metrics)
-        best.offer(metrics, rundir.model_path(r))
+        round_pair = dataclasses.replace(pair(metrics["schedule"], round=r, weights=rundir.model_path(r)),
+                                         origin=f"round {r}", scores=Scores.from_row(metrics))
+        best.offer(round_pair)
         if metrics.get("stopped_reason"):
             run.note(f"round {r}: Phase-2 stopped early ({metrics['stopped_reason']}); the loop ends here")
             break
-        if best.stalled(metrics) and r < rounds:
+        if best.stalled(round_pair) and r < rounds:
             run.note(f"round {r} improved the {best.set_name} error by less than {best_pair.IMPROVEMENT:.0%}; "
                      "stopping after it")
             break
-    kept = best.row
-    if kept["round"] == 0 and "fd" in baselines["phase1"]:
-        kept["fd"] = baselines["phase1"]["fd"]
-    rundir.write_best({**kept["schedule"], "family": family_of(run.teacher), "nfe": config.nfe, "round": kept["round"],
-                       **{k: kept[k] for k in ("test_error", "select_error", "keep_error") if k in kept}},
-                      Path(kept["model"]) if kept["model"] else None)
+    kept = best.best
+    rundir.write_best(kept)
     results = {"nfe": config.nfe, "model": config.model.model_id, "run_id": run.run_id, "rounds": history,
-               "baselines": baselines, "best": {k: v for k, v in kept.items() if k != "schedule"},
+               "baselines": baselines, "best": rundir.pair_summary(kept),
                "decided_on": best.set_name,
                "notes": run.notes, "timings": {**run.timings, "total": time.perf_counter() - run.started},
                "bank_sizes": {**bank.sizes(), **({"keep": keep.n_trajectories} if keep is not None else {})}}
@@ -389,18 +389,18 @@ def _note_targets(run: _Run, r: int, initial: Mapping[str, Any]) -> None:
     run.note(line)
 
 
-def _phase2_round(run: _Run, r: int, bank: Bank, keep: Bank | None, student: ModelSource, schedule: Schedule,
+def _phase2_round(run: _Run, r: int, bank: Bank, keep: Bank | None, student: ModelSource, pick: Candidate,
                   row: Mapping[str, Any]) -> dict[str, Any]:
-    """Fine-tune the current model on round r's schedule, evaluate the pair, write the round."""
-    from fewstep_search.phase2 import fine_tune
+    """Fine-tune the current model for round r's pair (`row`: its Phase-1 record), evaluate it, write the round."""
+    from fewstep_search.phase2 import train_pair
 
     config, rundir = run.config, run.rundir
-    run.reporter.phase(f"round {r}: Phase-2 on {schedule.nfe} steps ({row['name']})")
+    run.reporter.phase(f"round {r}: Phase-2 on {pick.schedule.nfe} steps ({pick.name})")
     t0 = time.perf_counter()
-    result = fine_tune(teacher=run.teacher_source, student=student, schedule=schedule, bank=bank,
-                       spec=config.phase2, out_dir=rundir.round_dir(r) / "phase2", device=config.device,
-                       engine=run.options.engine, on_epoch=run.reporter.epoch, progress=run.reporter.progress,
-                       solver=str(row.get("solver", "ddim")))
+    trained, result = train_pair(pick, teacher=run.teacher_source, student=student, bank=bank, spec=config.phase2,
+                                 out_dir=rundir.round_dir(r) / "phase2", round=r, device=config.device,
+                                 engine=run.options.engine, on_epoch=run.reporter.epoch,
+                                 progress=run.reporter.progress)
     seconds = time.perf_counter() - t0
     run.timings[f"phase2_round_{r}"] = seconds
     _note_targets(run, r, result.initial or {})
@@ -410,8 +410,7 @@ def _phase2_round(run: _Run, r: int, bank: Bank, keep: Bank | None, student: Mod
     den = run.teacher_source.with_checkpoint(target).load(cache=False)
     if result.sigmas is not None:  # phase2.schedule_lr: the round trained the sigmas too; the pair is both
         row = {**row, "sigmas": list(result.sigmas), "phase1_sigmas": list(row["sigmas"]), "trained_sigmas": True}
-        schedule = Schedule(result.sigmas, name=str(row.get("name", "schedule")))
-    evaluation = run.evaluate(den, schedule, bank, keep, solver=str(row.get("solver", "ddim")))
+    evaluation = run.evaluate(den, trained.schedule, bank, keep)
     metrics = {"round": r, "schedule": dict(row), **evaluation,
                "phase1": {"select_error": row["select_error"], "test_error": row["test_error"]},
                "phase2": {"seconds": seconds, "history": list(result.history), "initial": result.initial},

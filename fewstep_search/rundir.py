@@ -33,6 +33,7 @@ from typing import Any
 
 from fewstep_search.atomic import atomic_path, atomic_write_json
 from fewstep_search.bank import Bank, BankMismatchError, load_bank
+from fewstep_search.candidate import Candidate
 from fewstep_search.study import StudyConfig
 
 __all__ = ["RunDir", "RunDirError", "check_writable", "identity_of"]
@@ -179,15 +180,49 @@ class RunDir:
         return self.model_path(r)
 
     # ------------------------------------------------------------ results
-    def write_best(self, schedule: dict[str, Any], model: Path | None) -> Path:
-        """best/schedule.json and, when given, a copy of the best round's weights as best/model.safetensors."""
+    def write_best(self, pair: Candidate) -> Path:
+        """best/schedule.json (the pair's schedule with its solver and family, its round and scores) and, for a
+        fine-tuned pair, a copy of its weights as best/model.safetensors."""
         best = self.path / "best"
-        if model is not None:
+        if pair.weights is not None:
             with atomic_path(best / "model.safetensors") as tmp:
-                shutil.copyfile(model, tmp)
+                shutil.copyfile(pair.weights, tmp)
         elif (best / "model.safetensors").exists():
             (best / "model.safetensors").unlink()  # the best pair is now the untouched model
-        return atomic_write_json(best / "schedule.json", schedule)
+        row = {**pair.schedule.to_dict(), "round": pair.round, "origin": pair.origin, **pair.scores.as_row()}
+        return atomic_write_json(best / "schedule.json", row)
+
+    def kept_pair(self) -> Candidate:
+        """The pair best/schedule.json records (with best/model.safetensors when a round was kept), one-line errors."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"run directory {self.path} does not exist")
+        path = self.path / "best" / "schedule.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.path} has no best schedule yet ({path} is missing); run "
+                                    "`fewstep-search run`")
+        data = self._read(path)
+        if data is None:
+            raise ValueError(f"cannot read schedule {path}")
+        r = int(data.get("round", 0))
+        weights = path.parent / "model.safetensors"
+        if r > 0 and not weights.is_file():
+            raise FileNotFoundError(f"{self.path} kept round {r}'s pair but has no fine-tuned model ({weights} is "
+                                    "missing)")
+        try:
+            return Candidate.from_row(data, round=r, weights=weights if r > 0 else None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def kept_family(self) -> str | None:
+        """The model family best/schedule.json records (None for runs from before it recorded one)."""
+        data = self._read(self.path / "best" / "schedule.json") or {}
+        return str(data["family"]) if "family" in data else None
+
+    @staticmethod
+    def pair_summary(pair: Candidate) -> dict[str, Any]:
+        """results.json's `best`: which pair was kept and its scores (its schedule is in best/schedule.json)."""
+        return {"round": pair.round, "name": pair.name, "solver": pair.solver, "origin": pair.origin,
+                "model": None if pair.weights is None else str(pair.weights), **pair.scores.as_row()}
 
     def write_results(self, results: dict[str, Any]) -> Path:
         return atomic_write_json(self.path / "results.json", results)

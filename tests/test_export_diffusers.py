@@ -19,6 +19,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, FlowMatchE
 
 import fewstep_search.integrations.diffusers_scheduler  # noqa: E402,F401  (what the README's snippet imports)
 from fewstep_search.bank import build_bank  # noqa: E402
+from fewstep_search.candidate import Candidate  # noqa: E402
 from fewstep_search.integrations import pipeline_folder as ex  # noqa: E402
 from fewstep_search.integrations.diffusers_scheduler import FewstepScheduler  # noqa: E402
 from fewstep_search.models.diffusers_adapter import FEWSTEP_SCHEDULER, DiffusersUNetDenoiser  # noqa: E402
@@ -77,7 +78,7 @@ def test_a_ddpm_pipeline_export_reproduces_the_tools_samples_in_n_calls(tmp_path
     den = DiffusersUNetDenoiser.from_pretrained(base)
     _tuned(den)
     schedule = _vp_schedule(den, solver)
-    out = ex.export_diffusers_folder(den, base, tmp_path / "export", schedule=schedule)
+    out = ex.export_diffusers_folder(den, base, tmp_path / "export", pair=Candidate(schedule))
 
     pipe = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipe, DDPMPipeline) and isinstance(pipe.scheduler, FewstepScheduler)
@@ -97,7 +98,7 @@ def test_a_ddpm_pipeline_export_reproduces_the_tools_samples_in_n_calls(tmp_path
 def test_the_pipeline_refuses_another_step_count_in_one_line(tmp_path: Path) -> None:
     base = _ddpm_folder(tmp_path / "base")
     den = DiffusersUNetDenoiser.from_pretrained(base)
-    out = ex.export_diffusers_folder(den, base, tmp_path / "export", schedule=_vp_schedule(den, "ipndm"))
+    out = ex.export_diffusers_folder(den, base, tmp_path / "export", pair=Candidate(_vp_schedule(den, "ipndm")))
     pipe = DiffusionPipeline.from_pretrained(out)
     with pytest.raises(ValueError, match=f"num_inference_steps={NFE}") as info:
         pipe(num_inference_steps=1000)
@@ -114,7 +115,7 @@ def test_the_reported_error_is_the_error_of_the_exported_sampler(tmp_path: Path)
     for solver in SOLVERS:
         schedule = _vp_schedule(den, solver)
         reported = float(true_error(den, bank, schedule.tensor(), solver=solver))
-        out = ex.export_diffusers_folder(den, base, tmp_path / solver, schedule=schedule)
+        out = ex.export_diffusers_folder(den, base, tmp_path / solver, pair=Candidate(schedule))
         pipe = DiffusionPipeline.from_pretrained(out)
         latents = bank.x_start / prior_scale("vp", den.sigma_max)  # the pipeline's N(0, I) draw
         pipe.scheduler.set_timesteps(NFE)
@@ -142,7 +143,7 @@ def test_a_flow_export_driven_like_sd3_reproduces_the_tools_samples(tmp_path: Pa
     _tuned(den)
     s = vp_time_quadratic(NFE, den.sigma_min, den.sigma_max)  # any schedule on the model's range
     schedule = Schedule(s.sigmas, solver=solver, family="flow")
-    out = ex.export_diffusers_folder(den, base, tmp_path / "export", schedule=schedule)
+    out = ex.export_diffusers_folder(den, base, tmp_path / "export", pair=Candidate(schedule))
     index = json.loads((out / "model_index.json").read_text())
     assert index["scheduler"] == [ex.SCHEDULER_LIBRARY, "FewstepScheduler"] and index["_class_name"] == "MyFlowPipeline"
 
@@ -168,7 +169,7 @@ def test_an_export_loads_as_a_model_again(tmp_path: Path) -> None:
     base = _ddpm_folder(tmp_path / "ddpm")
     den = DiffusersUNetDenoiser.from_pretrained(base)
     _tuned(den)
-    out = ex.export_diffusers_folder(den, base, tmp_path / "out", schedule=_vp_schedule(den, "ddim"))
+    out = ex.export_diffusers_folder(den, base, tmp_path / "out", pair=Candidate(_vp_schedule(den, "ddim")))
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == FEWSTEP_SCHEDULER
     again = DiffusersUNetDenoiser.from_pretrained(out)
     x, sig = torch.randn(2, *TINY_SHAPE), torch.tensor([1.0, 5.0])
@@ -176,7 +177,7 @@ def test_an_export_loads_as_a_model_again(tmp_path: Path) -> None:
     flow_base = _flow_folder(tmp_path / "flow")
     fden = FlowMatchDenoiser.from_pretrained(flow_base)
     fout = ex.export_diffusers_folder(fden, flow_base, tmp_path / "fout",
-                                      schedule=Schedule([fden.sigma_max, 1.0, fden.sigma_min], family="flow"))
+                                      pair=Candidate(Schedule([fden.sigma_max, 1.0, fden.sigma_min], family="flow")))
     assert FlowMatchDenoiser.from_pretrained(fout).shift == 3.0
 
 
@@ -187,12 +188,12 @@ def test_what_a_folder_cannot_honour_is_refused_in_one_line(tmp_path: Path) -> N
     for bad, message in ((dataclasses.replace(schedule, solver="heun"), "json or k-diffusion"),
                          (dataclasses.replace(schedule, family="edm"), "no diffusers pipeline")):
         with pytest.raises(ValueError, match=message) as info:
-            ex.export_diffusers_folder(den, base, tmp_path / "x", schedule=bad)
+            ex.export_diffusers_folder(den, base, tmp_path / "x", pair=Candidate(bad))
         assert "\n" not in str(info.value)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")
     with pytest.raises(ValueError, match="already exists"):
-        ex.export_diffusers_folder(den, base, tmp_path / "full", schedule=schedule)
+        ex.export_diffusers_folder(den, base, tmp_path / "full", pair=Candidate(schedule))
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     with pytest.raises(ValueError, match="runs the solvers"):
         FewstepScheduler(sigmas=[80.0, 1.0, 0.01], solver="heun", timesteps=[999.0, 500.0])
@@ -205,7 +206,7 @@ def test_a_bare_unet_folder_exports_as_a_ddpm_pipeline(tmp_path: Path) -> None:
         from tests.fixtures_models import save_model
     base = save_model(tmp_path / "bare", layout="model")
     den = DiffusersUNetDenoiser.from_pretrained(base)
-    out = ex.export_diffusers_folder(den, base, tmp_path / "out", schedule=_vp_schedule(den, "dpmpp_2m"))
+    out = ex.export_diffusers_folder(den, base, tmp_path / "out", pair=Candidate(_vp_schedule(den, "dpmpp_2m")))
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "unet"]
     pipe = DiffusionPipeline.from_pretrained(out)
     counter = _Counting(pipe.unet)

@@ -43,7 +43,7 @@ def test_auto_is_the_old_pool_for_the_per_step_loss_and_a_new_key_for_the_end_to
     sig = (80.0, 5.0, 0.5, 0.002)
 
     def key(**kw: object) -> str:
-        return _config_key(src, src, sig, Phase2Spec(**kw))
+        return _config_key(src, src, sig, Phase2Spec(**kw), "ddim")
 
     # per-step rounds made when 1024 was the default pool resume under "auto"
     assert key(**PER_STEP) == key(**PER_STEP, pool_size=PER_STEP_POOL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_phase2_models import SIGMA_MAX, SIGMA_MIN, make_tiny
@@ -60,8 +62,9 @@ def test_an_ipndm_round_trains_for_ipndm_and_its_weights_carry_the_ab_factor(tmp
     src = ModelSource.of(teacher)
     spec = Phase2Spec(max_steps=24, batch_size=16, steps_per_epoch=6, lr=2e-3, lr_final=2e-4, warmup_steps=2,
                       pool_size=32, max_log_step=1.0, per_step_weight=1.0, end_to_end_weight=0.0)
-    res = fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "ipndm",
-                    engine="local", solver="ipndm")
+    ip = dataclasses.replace(sched, solver="ipndm")  # the schedule carries the solver the round trains for
+    res = fine_tune(teacher=src, student=src, schedule=ip, bank=bank, spec=spec, out_dir=tmp_path / "ipndm",
+                    engine="local")
     assert res.history[-1]["loss"] < 0.9 * res.history[0]["loss"]
     with torch.no_grad():
         from fewstep_search.objectives import true_error
@@ -69,11 +72,11 @@ def test_an_ipndm_round_trains_for_ipndm_and_its_weights_carry_the_ab_factor(tmp
         assert res.initial["test_error"] == pytest.approx(
             float(true_error(teacher, bank.test(), sched.tensor(), solver="ipndm")), rel=1e-5)  # scored with iPNDM
     with pytest.raises(ValueError, match="follows DDIM steps"):
-        fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec.model_copy(
-            update={"teacher_forced_fraction": 0.5}), out_dir=tmp_path / "x", engine="local", solver="ipndm")
+        fine_tune(teacher=src, student=src, schedule=ip, bank=bank, spec=spec.model_copy(
+            update={"teacher_forced_fraction": 0.5}), out_dir=tmp_path / "x", engine="local")
     with pytest.raises(ValueError, match="not 'dpmpp_2m'"):
-        fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=tmp_path / "y",
-                  engine="local", solver="dpmpp_2m")
+        fine_tune(teacher=src, student=src, schedule=dataclasses.replace(sched, solver="dpmpp_2m"), bank=bank,
+                  spec=spec, out_dir=tmp_path / "y", engine="local")
 
 
 def _tiny_ipndm_round(spec: Phase2Spec, out_dir):
@@ -81,10 +84,10 @@ def _tiny_ipndm_round(spec: Phase2Spec, out_dir):
     teacher = make_tiny(seed=3)
     bank = build_bank(teacher, shape=(8,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, n_trajectories=48,
                       grid_size=24, dtype=torch.float32, probes=1, model_id="tiny")
-    sched = make_schedule("vp_time_quadratic", 4, SIGMA_MIN, SIGMA_MAX)
+    sched = dataclasses.replace(make_schedule("vp_time_quadratic", 4, SIGMA_MIN, SIGMA_MAX), solver="ipndm")
     src = ModelSource.of(teacher)
     return fine_tune(teacher=src, student=src, schedule=sched, bank=bank, spec=spec, out_dir=out_dir,
-                     engine="local", solver="ipndm")
+                     engine="local")
 
 
 @pytest.mark.parametrize("loss", ["squared", "norm"])

@@ -21,7 +21,6 @@ config, a user factory is loaded to ask it (or pass --family). Prints to stdout 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -53,38 +52,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {what} {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} is not a JSON object")
-    return data
+def kept_pair(args: argparse.Namespace) -> Any:
+    """The run's kept pair (`RunDir.kept_pair`) with its model family: the one the run recorded, else --family,
+    else asked of the model (runs from before the family was recorded)."""
+    import dataclasses
 
+    from fewstep_search.rundir import RunDir
 
-def read_run(run_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """(best schedule, its JSON object) of a run directory, with one-line errors."""
-    from fewstep_search.schedules import Schedule
-
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    path = run_dir / "best" / "schedule.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no best schedule yet ({path} is missing); run `fewstep-search run`")
-    data = _read_json(path, "schedule")
-    try:
-        return Schedule.from_dict(data), data
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    run = RunDir(args.run_dir)
+    pair = run.kept_pair()
+    recorded = run.kept_family()
+    if recorded is not None:
+        if args.family is not None and args.family != recorded:
+            raise ValueError(f"--family {args.family} contradicts the run, whose model is {recorded}")
+        return pair
+    family = args.family
+    if family is None:
+        config = run_config(args.run_dir)
+        family = model_info_of(config["model"], _base_dir(args, config)).family
+    return dataclasses.replace(pair, schedule=dataclasses.replace(pair.schedule, family=family))
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:
     """RUN_DIR/config.json (the resolved study), checked to hold a model table with a kind."""
+    from fewstep_search.rundir import RunDir
+
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (the run's resolved study); pass --family for json/k-diffusion")
-    config = _read_json(path, "run config")
+    config = RunDir(run_dir).recorded_config()
+    if config is None:
+        raise ValueError(f"cannot read the run config {path}")
     if not isinstance(config.get("model"), dict) or "kind" not in config["model"]:
         raise ValueError(f"{path} has no model table with a kind")
     return config
@@ -141,26 +139,11 @@ def model_info_of(model: dict[str, Any], base_dir: Path | None) -> Any:
     return model_info(_load(model, base_dir))
 
 
-def _with_family(schedule: Any, data: dict[str, Any], args: argparse.Namespace) -> Any:
-    """The kept schedule with the model's family: the run's record, else --family, else asked of the model."""
-    import dataclasses
-
-    if "family" in data:
-        if args.family is not None and args.family != data["family"]:
-            raise ValueError(f"--family {args.family} contradicts the run, whose model is {data['family']}")
-        return schedule
-    if args.family is not None:
-        return dataclasses.replace(schedule, family=args.family)
-    config = run_config(args.run_dir)
-    return dataclasses.replace(schedule, family=model_info_of(config["model"], _base_dir(args, config)).family)
-
-
 def _statuses(args: argparse.Namespace) -> tuple[Any, str, list[Any]]:
     """(the kept schedule with its family, the model kind, every format's status for this run)."""
     from fewstep_search import export
 
-    schedule, data = read_run(args.run_dir)
-    schedule = _with_family(schedule, data, args)
+    schedule = kept_pair(args).schedule
     config = run_config(args.run_dir) if (args.run_dir / "config.json").is_file() else {"model": {"kind": "?"}}
     kind = str(config["model"].get("kind"))
     rows = export.format_statuses(schedule, kind=kind, has_folder=kind in ("diffusers", "flow") and
@@ -202,25 +185,17 @@ def render(args: argparse.Namespace) -> str | None:
         return listing(args)
     if (args.run_dir / "config.json").is_file() or args.format not in ("json", "k-diffusion"):
         refuse_unless_it_works(args)
-    schedule, data = read_run(args.run_dir)
-    solver = schedule.solver
-    if args.format in ("json", "k-diffusion") and "family" in data:
-        if args.family is not None and args.family != data["family"]:
-            raise ValueError(f"--family {args.family} contradicts the run, whose model is {data['family']}")
-        family = str(data["family"])
-    elif args.format in ("json", "k-diffusion") and args.family is not None:
-        family = args.family  # nothing else is needed: the config is not read
-    else:
+    pair = kept_pair(args)  # json / k-diffusion of a run that records its family need no config.json
+    schedule, solver, family = pair.schedule, pair.solver, pair.schedule.family
+    if args.format == "diffusers-folder":
         config = run_config(args.run_dir)
-        model, base_dir = config["model"], _base_dir(args, config)
-        if args.format == "diffusers-folder":
-            return _folder(args, _with_family(schedule, data, args), data, model, base_dir)
-        info = model_info_of(model, base_dir)
-        if args.family is not None and args.family != info.family:
-            raise ValueError(f"--family {args.family} contradicts the model, which is {info.family}")
-        if args.format == "diffusers":
-            return export.dumps(export.export_diffusers(schedule, info, solver=solver, mu=args.mu))
-        family = info.family
+        return _folder(args, pair, config["model"], _base_dir(args, config))
+    if args.format == "diffusers":
+        config = run_config(args.run_dir)
+        info = model_info_of(config["model"], _base_dir(args, config))
+        if info.family != family:
+            raise ValueError(f"--family {family} contradicts the model, which is {info.family}")
+        return export.dumps(export.export_diffusers(schedule, info, solver=solver, mu=args.mu))
     if args.mu is not None:
         raise ValueError("--mu is for --format diffusers (a FlowMatch scheduler with dynamic shifting)")
     if args.format == "json":
@@ -228,32 +203,16 @@ def render(args: argparse.Namespace) -> str | None:
     return export.export_k_diffusion(schedule, family=family, solver=solver)
 
 
-def _folder(args: argparse.Namespace, schedule: Any, data: dict[str, Any], model: dict[str, Any],
-            base_dir: Path | None) -> None:
-    """Load the kept pair once (the base model, then Phase-2's weights when a round was kept) and write it."""
+def _folder(args: argparse.Namespace, pair: Any, model: dict[str, Any], base_dir: Path | None) -> None:
+    """Write the kept pair as a pipeline folder: the base model the study named, with the pair's weights."""
     from fewstep_search.integrations.pipeline_folder import export_diffusers_folder
-    from fewstep_search.models.source import load_checkpoint_into, trainable_module
 
     path = _model_path(model, base_dir)
-    ckpt = args.run_dir / "best" / "model.safetensors"
     if args.out is None:
         raise ValueError("--format diffusers-folder writes a folder: pass --out DIR")
-    if model["kind"] not in ("diffusers", "flow") or path is None:
-        raise ValueError(f"model kind {model['kind']!r} has no diffusers folder (only kinds diffusers and flow do); "
-                         "use --format json or k-diffusion")
-    tuned = int(data.get("round", 0)) > 0
-    if tuned and not ckpt.is_file():
-        raise FileNotFoundError(f"{args.run_dir} kept round {data['round']}'s pair but has no fine-tuned model "
-                                f"({ckpt} is missing)")
-    den = _load(model, base_dir)
-    if ckpt.is_file():
-        module = trainable_module(den)
-        if module is None:
-            raise ValueError(f"model kind {model['kind']!r} has no weights to load {ckpt} into")
-        load_checkpoint_into(module, ckpt)
-    out = export_diffusers_folder(den, path, args.out, schedule=schedule)
-    what = f"round {data.get('round')}'s fine-tuned weights" if ckpt.is_file() else "the untouched weights"
-    print(f"wrote {out}: {what}, {schedule.nfe} steps of {schedule.solver} (FewstepScheduler)")
+    out = export_diffusers_folder(_load(model, base_dir), path, args.out, pair=pair)
+    what = f"round {pair.round}'s fine-tuned weights" if pair.weights else "the untouched weights"
+    print(f"wrote {out}: {what}, {pair.schedule.nfe} steps of {pair.solver} (FewstepScheduler)")
     return None
 
 

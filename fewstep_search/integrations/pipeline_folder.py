@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fewstep_search.schedules import Schedule
+from fewstep_search.candidate import Candidate
 
 __all__ = ["SCHEDULER_LIBRARY", "export_diffusers_folder"]
 
@@ -48,12 +48,13 @@ def _pipeline_index(base: Path, sub: str, network: Any) -> dict[str, Any] | None
 
 
 def export_diffusers_folder(
-    denoiser: object, base_folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, schedule: Schedule
+    denoiser: object, base_folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, pair: Candidate
 ) -> Path:
     """Write `out_dir`: a complete diffusers pipeline folder that samples with the pair (weights, sigmas, solver).
 
     `denoiser` is the tool's adapter for `base_folder` (`DiffusersUNetDenoiser` or `FlowMatchDenoiser`, through
-    `CheckedDenoiser` or not) with the pair's weights loaded; `schedule` carries its solver and family. The folder
+    `CheckedDenoiser` or not); the pair's weights, when it has its own (a Phase-2 round's), are loaded into it
+    first. The pair's schedule carries its solver and family. The folder
     holds the base's other components (VAE, text encoders) as they were, the adapter's network saved with
     `save_pretrained`, and `scheduler/`: a `FewstepScheduler` (`fewstep_search.integrations.diffusers_scheduler`)
     with the sigmas, the solver and the timesteps the adapter calls the network with, so the pipeline called with
@@ -66,9 +67,10 @@ def export_diffusers_folder(
     from fewstep_search.integrations.diffusers_scheduler import FLOW_PREDICTION, SCHEDULER_FAMILIES, FewstepScheduler
     from fewstep_search.models.diffusers_adapter import read_scheduler_config
     from fewstep_search.models.flow import find_flow_layout
-    from fewstep_search.models.source import trainable_module
+    from fewstep_search.models.source import load_checkpoint_into, trainable_module
     from fewstep_search.solvers import STEPS
 
+    schedule = pair.schedule
     base, out = Path(base_folder).expanduser(), Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; choose another --out")
@@ -80,6 +82,8 @@ def export_diffusers_folder(
     model_dir, scheduler_file = find_flow_layout(base)
     adapter = trainable_module(denoiser) or denoiser
     network = _network(adapter)
+    if pair.weights is not None:
+        load_checkpoint_into(adapter, pair.weights)  # type: ignore[arg-type]  # a folder model is a module
     with torch.no_grad():
         steps = adapter.model_timesteps(torch.tensor(schedule.sigmas[:-1], dtype=torch.float64))  # type: ignore
     base_config = read_scheduler_config(scheduler_file)

@@ -27,6 +27,7 @@ import torch
 
 from fewstep_search.atomic import atomic_write_json
 from fewstep_search.bank import Bank
+from fewstep_search.candidate import Candidate
 from fewstep_search.denoiser import is_conditional
 from fewstep_search.models.source import ModelSource, trainable_module
 from fewstep_search.objectives import check_endpoints
@@ -52,34 +53,28 @@ def eval_bank(part: Bank) -> Bank:
     return dataclasses.replace(slim, denoised=slim.denoised[:, :0], phi=slim.phi[:, :0])
 
 
+CONFIG_KEY_VERSION = 2
+"""Raised when what a round computes for the same settings changes, so a round of an older version is trained
+again instead of being reused (2: the sampler's last step goes into 0)."""
+
+
 def _config_key(teacher: ModelSource, student: ModelSource, sigmas: tuple[float, ...], spec: Phase2Spec,
-                solver: str = "ddim") -> str:
-    """What makes two calls the same round: models, schedule, solver and the settings that change the weights."""
-    budget_free = spec.model_dump(exclude={"max_minutes", "max_steps", "clock", "keep_checkpoints", "eval_batch_size",
-                                            "train_for"})  # train_for: the loop's choice of solver, keyed below
-    if budget_free.get("per_step_weight") == 1.0:  # rounds from before the setting existed keep their keys
-        del budget_free["per_step_weight"]
+                solver: str) -> str:
+    """What makes two calls the same round: the key's version, the models, the schedule, the solver, and the
+    settings that change the weights (a budget only stops the round earlier; settings a round does not use are
+    left out, so changing them does not start it again)."""
+    settings = spec.model_dump(exclude={"max_minutes", "max_steps", "clock", "keep_checkpoints", "eval_batch_size",
+                                        "train_for"})  # train_for: the loop's choice of solver, keyed below
     if spec.pool_size == "auto" and (fixed := untimed_pool_size(spec)) is not None:
-        budget_free["pool_size"] = fixed  # what "auto" is there: the same key as the old default
-    if budget_free["pool_size"] != "auto":
-        del budget_free["teacher_share"]  # no effect on such a round
+        settings["pool_size"] = fixed  # what "auto" is there
+    if settings["pool_size"] != "auto":
+        del settings["teacher_share"]  # it sizes an "auto" pool only
     if spec.end_to_end_weight == 0:
-        del budget_free["end_to_end_teacher_steps"]  # per-step rounds keep their keys
-    if spec.end_to_end_loss == "squared":
-        del budget_free["end_to_end_loss"]  # the loss before the option existed: the same key
-    if spec.path_weight == 0:
-        del budget_free["path_weight"]  # rounds without the path term keep their keys
-    if not spec.cpu_autocast:
-        del budget_free["cpu_autocast"]  # the default: earlier rounds keep their keys
-    if not spec.trains_schedule or spec.schedule_start == "phase1":
-        del budget_free["schedule_start"]  # Phase-1's sigmas: rounds from before the option keep their keys
+        del settings["end_to_end_teacher_steps"], settings["end_to_end_loss"]  # no end-to-end term
     if not spec.trains_schedule:
-        del budget_free["schedule_lr"]  # a fixed schedule: rounds from before the option keep their keys
-    if spec.weights_wait == 0:
-        del budget_free["schedule_first_steps"]  # joint from step 0: rounds from before the option keep their keys
-    parts: list[Any] = [teacher.model_id, student.model_id, list(sigmas), budget_free]
-    if solver != "ddim":  # DDIM rounds keep the keys they had before the solver was an option
-        parts.append(solver)
+        for unused in ("schedule_lr", "schedule_start", "schedule_first_steps"):
+            del settings[unused]  # a fixed schedule
+    parts: list[Any] = [CONFIG_KEY_VERSION, teacher.model_id, student.model_id, list(sigmas), solver, settings]
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -105,12 +100,11 @@ def fine_tune(
     engine: Engine = "ray",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
-    solver: str = "ddim",
 ) -> FineTuneResult:
     """Fine-tune `student` on the N sigmas of `schedule` against the frozen `teacher` (one Phase-2 round).
 
-    `solver` is the sampler the student is trained for and scored with: DDIM (Euler), or iPNDM, whose
-    multistep updates the per-step targets account for (`fewstep_search.phase2.steps`).
+    The schedule's solver is the sampler the student is trained for and scored with: DDIM (Euler), or iPNDM,
+    whose multistep updates the per-step targets account for (`fewstep_search.phase2.steps`).
 
     Writes checkpoints under `out_dir` and the result `out_dir/model.safetensors` (the EMA weights of exactly the
     module `trainable_module` returns); calling it again with the same `out_dir` resumes an interrupted round or
@@ -119,6 +113,7 @@ def fine_tune(
     """
     if engine not in ("ray", "local"):
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+    solver = schedule.solver
     check_phase2_solver(solver)
     if solver not in FIRST_ORDER_SOLVERS and spec.teacher_forced_fraction > 0:
         raise ValueError(f"teacher_forced_fraction follows DDIM steps; the round trains {solver}")
@@ -151,6 +146,19 @@ def fine_tune(
         else:
             summary = _run_ray(cfg, spec, device)
     return _finish(root, summary, key, time.monotonic() - started)
+
+
+def train_pair(pair: Candidate, *, teacher: ModelSource, student: ModelSource, bank: Bank, spec: Phase2Spec,
+               out_dir: str | Path, round: int, **options: Any) -> tuple[Candidate, FineTuneResult]:
+    """Phase-2 on a pair: fine-tune `student` for `pair`'s schedule and solver (`fine_tune`; `options` are its
+    device, engine, on_epoch, progress). Returns round `round`'s pair, its weights the round's EMA weights and its
+    schedule the one the round ended with (its own sigmas when it trained them), unscored, and the round's record.
+    """
+    result = fine_tune(teacher=teacher, student=student, schedule=pair.schedule, bank=bank, spec=spec,
+                       out_dir=out_dir, **options)
+    schedule = pair.schedule if result.sigmas is None else dataclasses.replace(pair.schedule, sigmas=result.sigmas)
+    return Candidate(schedule=schedule, origin=f"round {round}: {pair.origin}", round=round,
+                     weights=Path(result.checkpoint)), result
 
 
 def _finish(root: Path, summary: dict[str, Any], key: str, seconds: float) -> FineTuneResult:
