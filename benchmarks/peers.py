@@ -13,7 +13,7 @@ no decision saw. Methods:
 Digits also gets the FD of each pick (1000 samples, classifier features vs held-out digits) and, at
 `--phase2-nfe`, one Phase-2 round (`--phase2-minutes`) on ours' and on the best peer's first-order pick.
 
-Outputs: the generated blocks of docs/results.md and of README.md (between `<!-- results:start -->` and
+Outputs: the generated block of docs/results.md (between `<!-- results:start -->` and
 `<!-- results:end -->`), and docs/results_error.png, docs/results_schedules.png, docs/results_samples.png.
 Per-(model, N) results are cached as JSON in `--cache` (atomic writes), so an interrupted run resumes.
 
@@ -323,8 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     figs = [*plots(results, ROOT / "docs"), sample_grid(results, ROOT / "docs")]
     pics = "\n".join(f"![{p.stem}]({p.name})" for p in figs if p is not None)
     replace_block(ROOT / "docs" / "results.md", "results", f"{body}\n{pics}\n\n{footer}", create=True)
-    replace_block(ROOT / "README.md", "results", body.replace("](", "](docs/") + f"\n{footer}\n\nPlots and the "
-                  "per-method sample grid: [docs/results.md](docs/results.md).")
     return 0
 
 
