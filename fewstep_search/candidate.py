@@ -90,6 +90,12 @@ class Candidate:
     def name(self) -> str:
         return self.schedule.name
 
+    def fine_tuned(self, *, round: int, weights: Path, schedule: Schedule | None = None) -> Candidate:
+        """This pair after round `round`'s Phase-2: its weights, and its schedule (the trained one when the round
+        trained the sigmas), unscored."""
+        return Candidate(schedule=schedule or self.schedule, origin=f"round {round}: {self.origin}", round=round,
+                         weights=weights)
+
     def with_scores(self, **scores: float | None) -> Candidate:
         """A copy with some scores replaced (the others kept)."""
         return dataclasses.replace(self, scores=dataclasses.replace(self.scores, **scores))

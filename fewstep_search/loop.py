@@ -321,13 +321,14 @@ def _rounds(run: _Run, bank: Bank, keep: Bank | None, rounds: int) -> dict[str, 
                                        "test_error": heur["test_error"], "solver": heur["solver"]}
     for key, row in (("best_heuristic", heur), ("phase1", p1["best"])):
         if row is not None:
-            q = sample_quality_of(run.teacher, pair(row).schedule, solver=pair(row).solver, device=config.device)
+            sched = pair(row).schedule
+            q = sample_quality_of(run.teacher, sched, solver=sched.solver, device=config.device)
             if q is not None:
                 baselines[key].update(fd=q["fd"], confidence=q["confidence"])
-    batch = config.bank.batch_size
-    baselines["phase1"].update(keep_error(run.teacher, pair(p1["best"]).schedule, keep, batch_size=batch))
-    best = BestPair(pair(p1["best"]).with_scores(keep=baselines["phase1"].get("keep_error"),
-                                                 fd=baselines["phase1"].get("fd")), on_keep_set=keep is not None)
+    batch, first = config.bank.batch_size, pair(p1["best"])
+    baselines["phase1"].update(keep_error(run.teacher, first.schedule, keep, batch_size=batch))
+    best = BestPair(first.with_scores(keep=baselines["phase1"].get("keep_error"), fd=baselines["phase1"].get("fd")),
+                    on_keep_set=keep is not None)
     history: list[dict[str, Any]] = []
     current, current_den = run.teacher_source, run.teacher
     for r in range(1, rounds + 1):
@@ -353,8 +354,8 @@ def _rounds(run: _Run, bank: Bank, keep: Bank | None, rounds: int) -> dict[str, 
             metrics = {**metrics, **keep_error(current_den, pair(metrics["schedule"]).schedule, keep, batch_size=batch)}
             rundir.write_round(r, metrics)
         history.append(metrics)
-        round_pair = dataclasses.replace(pair(metrics["schedule"], round=r, weights=rundir.model_path(r)),
-                                         origin=f"round {r}", scores=Scores.from_row(metrics))
+        round_pair = dataclasses.replace(pair(metrics["schedule"]).fine_tuned(round=r, weights=rundir.model_path(r)),
+                                         scores=Scores.from_row(metrics))  # its schedule: the pick or the trained one
         best.offer(round_pair)
         if metrics.get("stopped_reason"):
             run.note(f"round {r}: Phase-2 stopped early ({metrics['stopped_reason']}); the loop ends here")

@@ -1,6 +1,6 @@
 """The tests that involve time budgets pass with the machine loaded: two busy processes run beside them.
 
-Slow (about a minute): `make test-slow`. The budgets of these tests count this process's CPU time or work, not
+Slow (a few minutes): `make test-slow`. The budgets of these tests count this process's CPU time or work, not
 wall time, so another process's load must not change what they see.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMED = ["tests/test_phase2_pool_auto.py", "tests/test_phase2_pool_fill.py", "tests/test_resume.py",
-         "tests/test_search.py"]
+TIMED = ["tests/test_phase2_pool_auto.py", "tests/test_phase2_pool_fill.py"]
+"""The tests whose rounds run on time budgets (the pool sized by timed teacher calls, the fill's deadline)."""
 
 
 def _spin() -> None:
@@ -24,6 +24,7 @@ def _spin() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_the_timed_tests_pass_beside_a_cpu_hog() -> None:
     hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(2)]
     for h in hogs:

@@ -157,8 +157,7 @@ def train_pair(pair: Candidate, *, teacher: ModelSource, student: ModelSource, b
     result = fine_tune(teacher=teacher, student=student, schedule=pair.schedule, bank=bank, spec=spec,
                        out_dir=out_dir, **options)
     schedule = pair.schedule if result.sigmas is None else dataclasses.replace(pair.schedule, sigmas=result.sigmas)
-    return Candidate(schedule=schedule, origin=f"round {round}: {pair.origin}", round=round,
-                     weights=Path(result.checkpoint)), result
+    return pair.fine_tuned(round=round, weights=Path(result.checkpoint), schedule=schedule), result
 
 
 def _finish(root: Path, summary: dict[str, Any], key: str, seconds: float) -> FineTuneResult:
