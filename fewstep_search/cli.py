@@ -1,4 +1,4 @@
-"""The `fewstep-search` command line. Thin by design: it parses, validates and calls (STYLE.md lesson 11).
+"""The `fewstep-search` command line. Thin by design: it parses, validates and calls.
 
 Each subcommand lives in `fewstep_search/commands/<name>.py` and exposes `add_parser(subparsers)` and `run(args)`;
 heavy imports happen inside `run`, so `fewstep-search --help` stays fast.

@@ -3,7 +3,7 @@
 It lives on the bottom floor, beside `noise`, because the math modules (solvers, bank, objectives) call it;
 `fewstep_search.models` holds the adapters that implement it.
 
-Convention (DESIGN.md section 1, EDM / variance exploding): `x_sigma = x0 + sigma * eps` and a denoiser
+Convention (docs/design.md section 1, EDM / variance exploding): `x_sigma = x0 + sigma * eps` and a denoiser
 `D(x, sigma) ~ E[x0 | x_sigma]`. Everything downstream (solvers, bank, bounds) only ever calls `D(x, sigma)`.
 """
 
@@ -30,7 +30,7 @@ class Denoiser(Protocol):
     """`D(x: Tensor[B, *shape], sigma: Tensor[B]) -> Tensor[B, *shape]`, the posterior mean of x0.
 
     Adapters also advertise `sigma_min` / `sigma_max` (the noise range the model was trained on) so that
-    schedules and solvers clamp to what the network supports (STYLE.md lesson 4), and `prediction_type`
+    schedules and solvers clamp to what the network supports, and `prediction_type`
     naming what the wrapped network predicts ("x0" for exact models, "epsilon", "v", "sample", ...).
     """
 

@@ -2,7 +2,7 @@
 
 Given C[a, b] = cost of one step from grid[a] down to grid[b] (a < b; +inf elsewhere), find indices
 `0 = j_0 < j_1 < ... < j_N = M-1` minimizing sum_i C[j_{i-1}, j_i]. Value iteration over the number of steps:
-`V_n[b] = min_a V_{n-1}[a] + C[a, b]`, O(N M^2) time, vectorized per step (GITS / DESIGN.md "Additivity and DP").
+`V_n[b] = min_a V_{n-1}[a] + C[a, b]`, O(N M^2) time, vectorized per step (GITS / docs/design.md "Additivity and DP").
 """
 
 from __future__ import annotations

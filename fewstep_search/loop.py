@@ -1,4 +1,4 @@
-"""The alternating loop (DESIGN.md section 1, "Alternation"): Phase-1 on the current model, Phase-2 on its winner.
+"""The alternating loop (docs/design.md section 1, "Alternation"): Phase-1 on the current model, Phase-2 on its winner.
 
 Round r: Phase-1 searches a schedule s_r for the current model (the teacher in round 1, then the last student;
 the teacher's bank is reused, a student's outputs on the grid are recomputed at the teacher's states) -> Phase-2

@@ -1,7 +1,7 @@
 """Noise-schedule coordinates: sigma (EDM/VE) <-> half log-SNR lambda <-> variance-preserving time t.
 
 A VP model `x_t = alpha_t x0 + sigma_t eps` maps exactly onto the EDM convention with `sigma = sigma_t / alpha_t`
-and `lambda = -log sigma` (DESIGN.md section 1). Two VP families are supported:
+and `lambda = -log sigma` (docs/design.md section 1). Two VP families are supported:
 
 * `ContinuousVP`: the VP-SDE of Song et al. (2021), `beta(t) = beta_min + t (beta_max - beta_min)`, t in [0, 1],
   `log alpha_t = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2`; closed-form inverse.

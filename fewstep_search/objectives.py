@@ -1,12 +1,12 @@
 """Objectives on a bank: the convex-combination weights, the bounds B_0 and B_w, and the true error E.
 
-Notation (DESIGN.md section 1): a schedule is a descending tensor `s = [sigma_N, ..., sigma_0]`, `u = 1/sigma`.
+Notation (docs/design.md section 1): a schedule is a descending tensor `s = [sigma_N, ..., sigma_0]`, `u = 1/sigma`.
 The first-order solver's output is `x0_hat = (sigma_0/sigma_N) x_N + sum_i w_i D(x_i, sigma_i)` with
 `w_i = sigma_0 (u_{i-1} - u_i)`. Interval i (from sigma_i down to sigma_{i-1}) costs
 
     c_i = mean_k  g_k(sigma_{i-1}) * integral_{u_i}^{u_{i-1}} ||D*_k(u) - D*_k(u_i)|| du
 
-with `g = sigma * phi` for B_w and `g = sigma_0` for B_0 (DESIGN.md: B_w = B_0 when D ignores x). Because the bound
+with `g = sigma * phi` for B_w and `g = sigma_0` for B_0 (docs/design.md: B_w = B_0 when D ignores x). Because the bound
 is a sum over intervals, its minimum over schedules on the bank grid is a dynamic program (`grid_cost_matrix` +
 `fewstep_search.dp`); `bound` is the same quantity for off-grid schedules, differentiable in `s`, with D*
 interpolated linearly in log sigma and each integral done by Gauss-Legendre quadrature in log sigma.

@@ -1,6 +1,6 @@
 """The run directory: the resolved config, the bank, one folder per round, the best pair, the Optuna record.
 
-Layout (DESIGN.md section 3):
+Layout (docs/design.md section 3):
 
     DIR/run.json                 the run's identity (a random id that names its Optuna studies, budget, model)
     DIR/config.json              the resolved study (what actually ran)

@@ -1,6 +1,6 @@
 """Sampling schedules: a small immutable `Schedule` value and the heuristic families it is compared against.
 
-A schedule is `sigma_max = sigma_N > ... > sigma_1 > sigma_0 = sigma_min` (DESIGN.md section 1), stored as a
+A schedule is `sigma_max = sigma_N > ... > sigma_1 > sigma_0 = sigma_min` (docs/design.md section 1), stored as a
 descending float64 array of `nfe + 1` values; a first-order solver spends one network evaluation per interval.
 Samplers run it with sigma_min replaced by 0 (`fewstep_search.solvers.sampling_sigmas`), so exactly `nfe` calls.
 

@@ -205,7 +205,7 @@ def substeps_for(s0: float, s1: float, max_log_step: float) -> int:
     """RK4 sub-steps that keep every sub-step within `max_log_step` in log sigma (at least 1).
 
     Why bounded: one RK4 step across a long interval is unstable on the ODE's linear part (80 -> 4,
-    h = -3, multiplies by 1.375 instead of e^-3 = 0.05; DESIGN.md), so accurate targets need short steps.
+    h = -3, multiplies by 1.375 instead of e^-3 = 0.05; docs/design.md), so accurate targets need short steps.
     """
     if max_log_step <= 0:
         raise ValueError(f"max_log_step must be > 0, got {max_log_step}")

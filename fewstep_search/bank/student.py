@@ -1,7 +1,7 @@
 """A Phase-2 student's view of the teacher's bank: the same trajectories, with the student's outputs on the grid.
 
 Why: from round 2 on, the bound trials (B_w, B_0, the DP) must score the current student, whose outputs differ
-from the teacher's; the trajectories, their accurate end points and the gains stay the teacher's (DESIGN.md
+from the teacher's; the trajectories, their accurate end points and the gains stay the teacher's (docs/design.md
 section 3). Recomputing costs one student call per kept grid point, so only what the search needs is recomputed:
 
 * the fit set, capped at `max_fit` trajectories (a seeded sub-sample): the bounds are means over fit trajectories

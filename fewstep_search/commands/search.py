@@ -1,6 +1,6 @@
 """`fewstep-search search --budget N [--study FILE] [--out DIR] [--workers W] [--address A]`: Phase-1 alone.
 
-The same as `fewstep-search run --rounds 0`: the Phase-1 search (DESIGN.md section 2) as Ray Tune trials over
+The same as `fewstep-search run --rounds 0`: the Phase-1 search (docs/design.md section 2) as Ray Tune trials over
 optimizers x parameterizations x objectives, every trial recorded in an Optuna study (`DIR/optuna.db` unless
 `--storage`), the winner picked on the select trajectories and reported on the test ones, written to
 DIR/round_1/ and DIR/best/schedule.json. Rerunning the same command resumes: finished trials are read back from

@@ -1,6 +1,6 @@
 """A diffusers `UNet2DModel` (a discrete-time VP model) as an EDM-convention `Denoiser`.
 
-The map (DESIGN.md section 1): the VP model sees `x_t = alpha_t x0 + sigma_t eps` with
+The map (docs/design.md section 1): the VP model sees `x_t = alpha_t x0 + sigma_t eps` with
 `alpha_t^2 + sigma_t^2 = 1`. With `x~ = x_t / alpha_t` and `sigma~ = sigma_t / alpha_t` this is exactly
 `x~ = x0 + sigma~ eps`, so
 

@@ -1,7 +1,7 @@
 """Flow-matching (rectified-flow) models as EDM-convention `Denoiser`s: the SD3 / Flux / Wan family.
 
 The model sees `x_t = (1 - t) x0 + t eps` and predicts the velocity `v(x_t, t) ~ E[eps - x0 | x_t]`. Dividing by
-`1 - t` gives exactly our convention `x = x0 + sigma eps` (DESIGN.md section 1):
+`1 - t` gives exactly our convention `x = x0 + sigma eps` (docs/design.md section 1):
 
     sigma = t / (1 - t),   t = sigma / (1 + sigma),   x = x_t / (1 - t),   x_t = x / (1 + sigma),
     D(x, sigma) = E[x0 | x_t] = x_t - t v(x_t, t).

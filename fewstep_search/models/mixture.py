@@ -102,7 +102,7 @@ class GaussianMixture:
 
 
 def builtin_mixture(dim: int = 64, seed: int = 0) -> GaussianMixture:
-    """The benchmark mixture of DESIGN.md: 12 components, stds 0.03-0.12, means in [-0.7, 0.7]."""
+    """The benchmark mixture: 12 components, stds 0.03-0.12, means in [-0.7, 0.7]."""
     return GaussianMixture.random(dim, n_components=12, seed=seed)
 
 

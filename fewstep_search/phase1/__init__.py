@@ -1,4 +1,4 @@
-"""Phase-1 as a search (DESIGN.md section 2): optimizers x parameterizations x objectives, run as Ray
+"""Phase-1 as a search (docs/design.md section 2): optimizers x parameterizations x objectives, run as Ray
 Tune trials and recorded in an Optuna study.
 
 The math half (`parameterizations`, `problem`, `optimizers`, `trials`, `select`) imports no Ray, and Optuna

@@ -87,7 +87,8 @@ class Chain(ScheduleOptimizer):
 
 
 class DPThenAdam(Chain):
-    """DESIGN.md's recipe: the exact grid DP of a bound (`dp_objective`), then Adam on the trial's."""
+    """The exact grid DP of a bound (`dp_objective`, docs/design.md "Additivity and DP"), then Adam on the
+    trial's objective."""
 
     name = "dp_adam"
 

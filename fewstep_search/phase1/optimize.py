@@ -1,4 +1,4 @@
-"""`optimize_schedule`: Phase-1 alone, in process, for a user's own model (DESIGN.md section 4).
+"""`optimize_schedule`: Phase-1 alone, in process, for a user's own model (docs/design.md section 4).
 
 It builds one bank (or reuses the one given), runs the engine's in-process executor over a small default
 portfolio (the heuristics, the B_w and B_0 dynamic programs, DP -> Adam and Adam on the true error), picks the

@@ -1,4 +1,4 @@
-"""Schedule optimizers behind one small interface (STYLE.md lesson 6), and their registry.
+"""Schedule optimizers behind one small interface, and their registry.
 
 | name         | domain                              | method                                                |
 |--------------|-------------------------------------|-------------------------------------------------------|

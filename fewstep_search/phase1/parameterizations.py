@@ -1,7 +1,7 @@
 """Schedule parameterizations: the coordinates an optimizer moves, mapped differentiably to a valid schedule.
 
 Every parameterization maps a real vector `theta [P]` to `nfe + 1` descending sigmas with the exact endpoints
-`sigma_max` and `sigma_min` (DESIGN.md section 2). Interior nodes are described by their position in log
+`sigma_max` and `sigma_min` (docs/design.md section 2). Interior nodes are described by their position in log
 sigma, `p = log(sigma_max / sigma) / log(sigma_max / sigma_min)` in (0, 1) (0 at sigma_max, 1 at sigma_min),
 so each family below is a monotone map from `t = i / nfe` to `p`:
 

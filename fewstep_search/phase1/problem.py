@@ -1,6 +1,6 @@
 """One trial's problem: minimize an objective of `parameterization.decode(theta)` on the fit trajectories.
 
-Objectives (DESIGN.md section 1), all functions of a descending sigma tensor, differentiable:
+Objectives (docs/design.md section 1), all functions of a descending sigma tensor, differentiable:
 
 | name   | what                                                    | needs the model | additive (grid DP) |
 |--------|---------------------------------------------------------|-----------------|--------------------|

@@ -1,6 +1,6 @@
 """The Ray Tune executor of the Phase-1 engine: one Tune trial per `TrialSpec`, run in parallel.
 
-Thin by design (DESIGN.md section 3): the math is `fewstep_search.phase1.trials.run_trial`; this module only
+Thin by design (docs/design.md section 3): the math is `fewstep_search.phase1.trials.run_trial`; this module only
 * runs inside `fewstep_search.ray_runtime.ray_session` (a no-op when the loop already started Ray for the run);
 * ships the bank to the workers once through the object store (`tune.with_parameters`, as numpy arrays that
   every worker maps without a copy: `fewstep_search.bank.shared`; large states dropped) and

@@ -1,6 +1,6 @@
 """Choosing the Phase-1 winner from finished trials, and the rows that report them.
 
-Rule (DESIGN.md section 2): the lowest **select** E wins; trials within `tie_tolerance` (relative) of it are a
+Rule (docs/design.md section 2): the lowest **select** E wins; trials within `tie_tolerance` (relative) of it are a
 tie, and a tie goes to the cheaper trial (less optimization wall time), since its schedule is as good and easier
 to reproduce. The best heuristic (the baseline every ratio is taken against) is also picked on select E. Every
 number reported for a pick is its **test** E, from trajectories no decision looked at, so adding trials can

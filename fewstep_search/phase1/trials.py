@@ -1,7 +1,7 @@
 """One Phase-1 trial: (objective, parameterization, optimizer, solver, hyper-parameters), scored on three sets.
 
 `run_trial` is plain Python (no Ray, no Optuna): the engine's executors call it in process or in a Ray worker.
-Every trial is scored the same way (DESIGN.md section 2) on the bank's three disjoint sets:
+Every trial is scored the same way (docs/design.md section 2) on the bank's three disjoint sets:
 
 * `fit_error`: E on the fit trajectories, the ones the optimizer saw;
 * `select_error`: E on the select trajectories, the metric the search picks its winner by;

@@ -1,4 +1,4 @@
-"""Phase-2: fine-tune the model on exactly the N sigmas of a fixed schedule (DESIGN.md section 1, Phase-2).
+"""Phase-2: fine-tune the model on exactly the N sigmas of a fixed schedule (docs/design.md section 1, Phase-2).
 
 `train_pair(candidate, ...)` runs one round for a pair and returns the round's pair (`fine_tune(...)` below it
 returns the round's `FineTuneResult`); the pieces are

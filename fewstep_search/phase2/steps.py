@@ -1,6 +1,6 @@
 """The sampler a Phase-2 student is trained for, written as steps that are affine in the step's own output.
 
-Why: the per-step loss (DESIGN.md section 1) regresses the student's output D_j at its own state x_j onto the
+Why: the per-step loss (docs/design.md section 1) regresses the student's output D_j at its own state x_j onto the
 output that would put its next state on the teacher's accurate solve y_j from x_j. For a sampler whose step is
 `x_{j+1} = base_j + gain_j * D_j` (the chain's earlier outputs fixed) that output is `(y_j - base_j) / gain_j`,
 and an error in D_j reaches x_{j+1} multiplied by `gain_j`, the factor of the loss weight. Two families:

@@ -2,7 +2,7 @@
 
 For the interval `[sigma_i -> sigma_{i-1}]` (written s0 -> s1 here, s0 > s1 > 0) and a state x at s0, the frozen
 teacher's accurate solve gives `y = x*(s1)`; the student's DDIM step `r x + (1 - r) D` lands exactly on y when
-`D = D_bar = (y - r x) / (1 - r)`, `r = s1 / s0` (DESIGN.md section 1, Phase-2). So D_bar is the regression
+`D = D_bar = (y - r x) / (1 - r)`, `r = s1 / s0` (docs/design.md section 1, Phase-2). So D_bar is the regression
 target, and its accuracy bounds what the student can learn: an error delta in y is an error delta / (1 - r) in
 D_bar, i.e. the same delta on the student's step.
 

@@ -1,6 +1,6 @@
 """The per-worker Phase-2 training loop: the same function under Ray Train and in process (`engine="local"`).
 
-What one worker does (DESIGN.md section 1, Phase-2; docs/phase2.md):
+What one worker does (docs/design.md section 1, Phase-2; docs/phase2.md):
 1. obtain the frozen teacher and a private, trainable copy of the student from their `ModelSource`s;
 2. resume from the newest checkpoint of the round (Ray's restored one or the round folder's), if any;
 3. train: draw a batch of starting noise from the worker's fixed pool, build the per-step distillation loss

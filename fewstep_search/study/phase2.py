@@ -16,7 +16,7 @@ __all__ = ["Phase2Spec"]
 
 
 class Phase2Spec(Strict):
-    """Phase-2 settings (fine-tuning on exactly the N selected sigmas; DESIGN.md section 1, Phase-2)."""
+    """Phase-2 settings (fine-tuning on exactly the N selected sigmas; docs/design.md section 1, Phase-2)."""
 
     max_minutes: float = Field(default=4.0, gt=0, description="wall-time budget of one round (training + evals)")
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps (overrides the time budget)")

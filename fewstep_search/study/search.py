@@ -73,7 +73,7 @@ DEFAULT_PORTFOLIO: tuple[dict[str, Any], ...] = (
     # Costly (one solve of the fit trajectories per evaluation), stopped early when they cannot win, and each
     # within `trial_seconds` of wall time: the iteration budgets below are caps that a cheap model reaches (an
     # analytic mixture: seconds) and an expensive one does not (the digits U-Net: the time budget ends them).
-    _t("dp_adam", "direct", "logits", ["edm"], steps=200, lr=0.05),  # DESIGN.md's recipe: B_w-DP, then Adam on E
+    _t("dp_adam", "direct", "logits", ["edm"], steps=200, lr=0.05),  # B_w's grid DP, then Adam on E (docs/design.md)
     _t("adam", "direct", "logits", ["vp_time_quadratic"], steps=200, lr=0.05),
     _t("lbfgsb", "direct", "logits", ["edm", "vp_time_quadratic"], maxiter=100),
     _t("trust_constr", "direct", "nodes", ["edm"], maxiter=100),
