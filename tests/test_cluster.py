@@ -24,7 +24,12 @@ def test_cluster_yaml_is_valid_for_rays_launcher() -> None:
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     validate_config(prepare_config(config))
     assert config["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
-    assert any("make TORCH_SPEC= venv" in c for c in config["setup_commands"])
+    assert config["available_node_types"]["head"]["resources"]["GPU"] == 1  # the driver's --device cuda
+    # one pinned Ray everywhere: the image's tag and the version the project is installed with agree
+    tag = config["docker"]["image"].split(":")[1].split("-")[0]
+    assert any(f'"ray[tune,train]=={tag}"' in c and "-e ~/fewstep-search" in c for c in config["setup_commands"])
+    assert "-py311-" in config["docker"]["image"]
+    assert {"**/.venv", "**/runs"} <= set(config["rsync_exclude"])
     broken = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     broken["available_node_types"]["gpu_worker"]["instance_typo"] = "g5.xlarge"
     with pytest.raises(Exception, match="instance_typo"):
