@@ -140,20 +140,19 @@ def model_info_of(model: dict[str, Any], base_dir: Path | None) -> Any:
 
 
 def _statuses(args: argparse.Namespace) -> tuple[Any, str, list[Any]]:
-    """(the kept schedule with its family, the model kind, every format's status for this run)."""
+    """(the kept pair with its family, the model kind, every format's status for this run), read once."""
     from fewstep_search import export
 
-    schedule = kept_pair(args).schedule
+    pair = kept_pair(args)
     config = run_config(args.run_dir) if (args.run_dir / "config.json").is_file() else {"model": {"kind": "?"}}
     kind = str(config["model"].get("kind"))
-    rows = export.format_statuses(schedule, kind=kind, has_folder=kind in ("diffusers", "flow") and
+    rows = export.format_statuses(pair.schedule, kind=kind, has_folder=kind in ("diffusers", "flow") and
                                   bool(config["model"].get("path")))
-    return schedule, kind, rows
+    return pair, kind, rows
 
 
-def refuse_unless_it_works(args: argparse.Namespace) -> None:
+def refuse_unless_it_works(args: argparse.Namespace, rows: list[Any]) -> None:
     """One line naming why --format cannot honour this run's pair and the formats that can."""
-    _, _, rows = _statuses(args)
     status = next(r for r in rows if r.name == args.format)
     if not status.works:
         working = ", ".join(r.name for r in rows if r.works) or "none"
@@ -162,7 +161,8 @@ def refuse_unless_it_works(args: argparse.Namespace) -> None:
 
 def listing(args: argparse.Namespace) -> str:
     """What `export RUN_DIR` without --format prints: every format, whether it works here, and the command."""
-    schedule, kind, rows = _statuses(args)
+    pair, kind, rows = _statuses(args)
+    schedule = pair.schedule
     lines = [f"{args.run_dir}: {schedule.nfe} steps, solver {schedule.solver}, {schedule.family} model ({kind})"]
     for row in rows:
         cmd = f"fewstep-search export {args.run_dir} --format {row.name}" + (
@@ -183,9 +183,8 @@ def render(args: argparse.Namespace) -> str | None:
         if args.out is not None or args.mu is not None:
             raise ValueError("--out and --mu go with a --format; run `export RUN_DIR` alone to list the formats")
         return listing(args)
-    if (args.run_dir / "config.json").is_file() or args.format not in ("json", "k-diffusion"):
-        refuse_unless_it_works(args)
-    pair = kept_pair(args)  # json / k-diffusion of a run that records its family need no config.json
+    pair, _, rows = _statuses(args)  # json / k-diffusion of a run that records its family need no config.json
+    refuse_unless_it_works(args, rows)
     schedule, solver, family = pair.schedule, pair.solver, pair.schedule.family
     if args.format == "diffusers-folder":
         config = run_config(args.run_dir)
