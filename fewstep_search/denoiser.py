@@ -9,12 +9,14 @@ Convention (docs/design.md section 1, EDM / variance exploding): `x_sigma = x0 +
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "advertised",
+    "family_of",
     "Denoiser",
     "ConditionalDenoiser",
     "ModelOutputError",
@@ -79,22 +81,24 @@ def _advertise_like(wrapper: object, inner: object) -> None:
             setattr(wrapper, attr, getattr(inner, attr))
 
 
-def family_of(denoiser: object) -> str:
-    """The coordinates a denoiser's own sampler works in: "flow", "vp" or "edm" (`schedules.MODEL_FAMILIES`).
+def advertised(denoiser: object, attr: str) -> Any:
+    """`attr` of a denoiser or of a model it wraps (`inner`: CheckedDenoiser passes on only a few attributes), or
+    None where none of them advertises it."""
+    obj, seen = denoiser, 0
+    while obj is not None and seen < 8:
+        if getattr(obj, attr, None) is not None:
+            return getattr(obj, attr)
+        obj, seen = getattr(obj, "inner", None), seen + 1
+    return None
 
-    The advertised `family` of the denoiser or of a model it wraps (`inner`), else "vp" where it advertises a VP
-    (DDPM) table, else "edm".
-    """
-    obj = denoiser
-    for _ in range(8):
-        if obj is None:
-            break
-        if getattr(obj, "family", None) is not None:
-            return str(obj.family)
-        if getattr(obj, "vp", None) is not None:
-            return "vp"
-        obj = getattr(obj, "inner", None)
-    return "edm"
+
+def family_of(denoiser: object) -> str:
+    """The coordinates a denoiser's own sampler works in: "flow", "vp" or "edm" (`schedules.MODEL_FAMILIES`): the
+    advertised `family`, else "vp" where it advertises a VP (DDPM) table, else "edm"."""
+    family = advertised(denoiser, "family")
+    if family is not None:
+        return str(family)
+    return "vp" if advertised(denoiser, "vp") is not None else "edm"
 
 
 def is_conditional(denoiser: object) -> bool:

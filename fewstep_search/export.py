@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fewstep_search.denoiser import family_of
+from fewstep_search.denoiser import advertised, family_of
 from fewstep_search.integrations.k_diffusion import K_DIFFUSION_SAMPLERS
 from fewstep_search.models.flow import FLOW_SCHEDULER, sigma_to_t, unshift_t
 from fewstep_search.noise import DiscreteVP
@@ -79,24 +79,14 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 
-def _advertised(denoiser: object, attr: str) -> Any:
-    """`attr` of a denoiser or of the model it wraps (CheckedDenoiser passes on only a few attributes)."""
-    obj, seen = denoiser, 0
-    while obj is not None and seen < 8:
-        if getattr(obj, attr, None) is not None:
-            return getattr(obj, attr)
-        obj, seen = getattr(obj, "inner", None), seen + 1
-    return None
-
-
 def model_info(denoiser: object) -> ModelInfo:
     """What a denoiser advertises for its exports: its family (`denoiser.family_of`) and that family's data."""
-    vp = _advertised(denoiser, "vp")
+    vp = advertised(denoiser, "vp")
     return ModelInfo(
         family=family_of(denoiser),
         vp=vp if isinstance(vp, DiscreteVP) else None,
-        shift=float(_advertised(denoiser, "shift") or 1.0),
-        scheduler_config=_advertised(denoiser, "scheduler_config"),
+        shift=float(advertised(denoiser, "shift") or 1.0),
+        scheduler_config=advertised(denoiser, "scheduler_config"),
     )
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fewstep_search.denoiser import Denoiser
+from fewstep_search.schedules import prior_scale
 
 __all__ = [
     "FIRST_ORDER_SOLVERS",
@@ -338,8 +339,6 @@ def sample(
         >>> from fewstep_search import karras, sample
         >>> x0 = sample(lambda x, s: 0.5 * x, karras(4, 0.002, 80.0), torch.randn(2, 3))
     """
-    from fewstep_search.schedules import prior_scale
-
     sigmas = schedule if isinstance(schedule, Tensor) else schedule.tensor()
     name = solver if solver is not None else getattr(schedule, "solver", "ddim")
     wide = torch.float32 if noise.device.type == "mps" else torch.float64

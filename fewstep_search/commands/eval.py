@@ -63,8 +63,6 @@ def _read_schedule(spec: str) -> tuple[Any, Path | None]:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import torch
-
     from fewstep_search.bank.keep import build_keep_set
     from fewstep_search.denoiser import family_of
     from fewstep_search.intervals import bootstrap_mean, paired_difference
@@ -110,9 +108,8 @@ def run(args: argparse.Namespace) -> int:
                                            solver=args.solver or "ddim", family=family_of(model))
         weights = args.weights or pair_weights
         den = model if weights is None else source.with_checkpoint(weights).load(cache=False)
-        with torch.no_grad():
-            errs = trajectory_errors(den, fresh, schedule.tensor(device=fresh.device), solver=schedule.solver,
-                                     batch_size=config.bank.batch_size).numpy()
+        errs = trajectory_errors(den, fresh, schedule.tensor(device=fresh.device), solver=schedule.solver,
+                                 batch_size=config.bank.batch_size).numpy()
         mean, lo, hi = bootstrap_mean(errs)
         row = {"schedule": spec, "name": schedule.name, "solver": schedule.solver, "nfe": schedule.nfe,
                "weights": str(weights) if weights else "study model", "test_error": mean, "interval": [lo, hi]}
