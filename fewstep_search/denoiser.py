@@ -71,7 +71,7 @@ def sigma_range(denoiser: object, default: tuple[float, float] | None = None) ->
 
 
 ADVERTISED = ("sigma_min", "sigma_max", "prediction_type", "shape", "conditions", "dataset", "family", "vp", "shift",
-              "scheduler_config")
+              "scheduler_config", "split_conditions")
 """What an adapter may advertise; wrappers pass these through so code downstream sees the model's values."""
 
 

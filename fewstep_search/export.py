@@ -40,6 +40,7 @@ from fewstep_search.solvers import FIRST_ORDER_SOLVERS, nfe_of, sampling_sigmas
 __all__ = [
     "FAMILIES",
     "FORMATS",
+    "FOLDER_KINDS",
     "ModelInfo",
     "model_info",
     "export_sigmas",
@@ -56,6 +57,8 @@ __all__ = [
 
 FAMILIES = MODEL_FAMILIES
 FORMATS = ("json", "k-diffusion", "diffusers", "diffusers-folder")
+FOLDER_KINDS = ("diffusers", "flow", "pipeline")
+"""Model kinds loaded from a diffusers folder, which `diffusers-folder` exports (with a `path`)."""
 # FlowMatchEulerDiscreteScheduler options that replace or re-map the given sigmas beyond the (undoable) shift.
 _FLOW_REPLACING = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 _SHIFT_TERMINAL_TOL = 1e-6
@@ -281,7 +284,8 @@ class FormatStatus:
 
 def format_statuses(schedule: Schedule, *, kind: str, has_folder: bool) -> list[FormatStatus]:
     """Every export format for a pair (`schedule` with its solver and family) of a model of `kind`, in order of
-    how much of the pair it carries; `has_folder`: the model is a diffusers folder (kinds diffusers, flow)."""
+    how much of the pair it carries; `has_folder`: the model is a diffusers folder (kinds diffusers, flow,
+    pipeline)."""
     from fewstep_search.solvers import STEPS
 
     solver, family = schedule.solver, schedule.family
@@ -294,7 +298,7 @@ def format_statuses(schedule: Schedule, *, kind: str, has_folder: bool) -> list[
     out.append(FormatStatus("diffusers", first, "sigmas for diffusers' Euler / FlowMatch schedulers" if first
                             else f"diffusers' Euler schedulers are first order, this schedule is for {solver}"))
     if not has_folder:
-        why = f"model kind {kind!r} is not a diffusers folder (kinds diffusers and flow are)"
+        why = f"model kind {kind!r} is not a diffusers folder (kinds {', '.join(FOLDER_KINDS)} are)"
     elif family not in ("vp", "flow"):
         why = f"a {family} model has no diffusers pipeline"
     elif solver not in STEPS:

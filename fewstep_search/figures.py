@@ -83,7 +83,7 @@ def write_run_figures(rundir: RunDir, results: Mapping[str, Any], config: StudyC
     if not pairs:
         return []
     written = _plots(pairs, rundir.path / "plots", int(results["nfe"]))
-    base = model_source(config, study_path=study_path)
+    base = model_source(config, study_path=study_path, run_folder=rundir.path)
     teacher = base.load()
     shape = tuple(getattr(teacher, "shape", None) or config.model.shape or ())
     if len(shape) != 3 or shape[0] not in (1, 3):

@@ -110,10 +110,10 @@ class _Run:
         self.config, self.rundir, self.options, self.reporter = config, rundir, options, reporter
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
-        self.started = time.perf_counter()
-        self._fit_n: int | None = None
+        self.started, self._fit_n = time.perf_counter(), None  # _fit_n: the fit trajectories' count, once known
         resolve_device(config.device)
-        self.teacher_source = model_source(config, study_path=options.study_path)
+        self.teacher_source = model_source(config, study_path=options.study_path, run_folder=rundir.path,
+                                           note=self.note)
         self.teacher = self.teacher_source.load(cache=False)  # a model that does not load writes nothing
         self.n_conditions = check_conditions(self.teacher, self.teacher_source)
         self.run_id = rundir.prepare(config, study_path=options.study_path)
@@ -285,7 +285,7 @@ def run_loop(config: StudyConfig, rundir: RunDir, *, reporter: Reporter | None =
     run = _Run(config, rundir, options, reporter)
     rounds = config.rounds
     if rounds > 0 and trainable_module(run.teacher) is None:
-        run.note(f"model {config.model.model_id} has no trainable weights: Phase-1 only (no Phase-2 rounds)")
+        run.note(f"model {config.model_id} has no trainable weights: Phase-1 only (no Phase-2 rounds)")
         rounds = 0
     session = contextlib.nullcontext()
     if options.engine == "ray":
@@ -366,7 +366,7 @@ def _rounds(run: _Run, bank: Bank, keep: Bank | None, rounds: int) -> dict[str, 
             break
     kept = best.best
     rundir.write_best(kept)
-    results = {"nfe": config.nfe, "model": config.model.model_id, "run_id": run.run_id, "rounds": history,
+    results = {"nfe": config.nfe, "model": config.model_id, "run_id": run.run_id, "rounds": history,
                "baselines": baselines, "best": rundir.pair_summary(kept),
                "decided_on": best.set_name,
                "notes": run.notes, "timings": {**run.timings, "total": time.perf_counter() - run.started},

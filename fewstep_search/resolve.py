@@ -71,16 +71,29 @@ def read_conditions(config: StudyConfig, *, study_path: Path | None) -> list[Any
     return values
 
 
-def model_source(config: StudyConfig, *, study_path: Path | None) -> ModelSource:
+def model_source(config: StudyConfig, *, study_path: Path | None, run_folder: Path | None = None,
+                 note: Callable[[str], None] | None = None) -> ModelSource:
     """The study's model as a spec every process can load (relative paths follow the study file).
 
-    The study's conditions reach the model's factory as its `conditions` keyword argument.
+    The study's conditions reach the model's factory as its `conditions` keyword argument. A text-to-image
+    pipeline's prompt set is checked and embedded here, once, into `run_folder` (`models.t2i.setup`).
     """
     spec = config.model
     options = dict(spec.options)
     conditions = read_conditions(config, study_path=study_path)
     if conditions is not None:
         options["conditions"] = conditions
+    if spec.kind == "pipeline" and config.prompts is not None:
+        from fewstep_search.models.t2i.setup import PROMPT_EMBEDDINGS_FILE, pipeline_options
+
+        folder = Path(str(spec.path)).expanduser()
+        if not folder.is_absolute() and study_path is not None:
+            folder = study_path.parent / folder
+        p = config.prompts
+        options = pipeline_options(
+            folder, options, prompts_file=p.file, guidance_scale=p.guidance_scale, negative_prompt=p.negative_prompt,
+            cache=None if run_folder is None else run_folder / PROMPT_EMBEDDINGS_FILE, device=config.device,
+            note=note)
     return ModelSource(kind=spec.kind, path=spec.path, factory=spec.factory, options=options,
                        device=config.device, base_dir=str(study_path.parent.resolve()) if study_path else None)
 
@@ -132,7 +145,7 @@ def bank_expectation(config: StudyConfig, *, sigma_min: float, sigma_max: float,
                      n_conditions: int) -> dict[str, Any]:
     """The metadata a cached bank must have to be reused for this study."""
     b = config.bank
-    return {"model_id": config.model.model_id, "sigma_min": sigma_min, "sigma_max": sigma_max, "shape": list(shape),
+    return {"model_id": config.model_id, "sigma_min": sigma_min, "sigma_max": sigma_max, "shape": list(shape),
             "n_trajectories": b.n_trajectories, "grid_size": b.grid_size, "seed": b.seed, "dtype": b.dtype,
             "select_fraction": b.select_fraction, "test_fraction": b.test_fraction, "substeps": b.substeps,
             "probes": b.probes, "gain_substeps": b.gain_substeps, "project_dim": b.project_dim,
@@ -150,7 +163,7 @@ def study_plan(denoiser: Denoiser, config: StudyConfig, *, sigma_min: float, sig
     b = config.bank
     settings = {**b.model_dump(exclude=_NOT_BUILD_SETTINGS | {"batch_size"}), **override}
     return plan_for(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, dtype=b.dtype,
-                    model_id=config.model.model_id, **settings)
+                    model_id=config.model_id, **settings)
 
 
 def build_study_bank(denoiser: Denoiser, config: StudyConfig, *, sigma_min: float, sigma_max: float,
@@ -161,7 +174,7 @@ def build_study_bank(denoiser: Denoiser, config: StudyConfig, *, sigma_min: floa
     b = config.bank
     if not b.sharded or source is None or shards is None:
         return build_bank(denoiser, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max,
-                          model_id=config.model.model_id, progress=progress, device=config.device,
+                          model_id=config.model_id, progress=progress, device=config.device,
                           **b.model_dump(exclude=_NOT_BUILD_SETTINGS),
                           dtype=getattr(torch, b.dtype))
     from fewstep_search.bank_shards import build_bank_sharded

@@ -122,7 +122,7 @@ class RunDir:
             if diff:
                 raise RunDirError(f"{self.path} holds a run of another study: {diff} differs; choose another --out")
         info = self._read(self.path / "run.json") or {"run_id": uuid.uuid4().hex[:12]}
-        info.update({"nfe": config.nfe, "model": config.model.model_id})
+        info.update({"nfe": config.nfe, "model": config.model_id})
         if study_path is not None:
             info["study_file"] = str(study_path.resolve())
         atomic_write_json(self.path / "run.json", info)

@@ -145,8 +145,8 @@ def test_the_fill_stops_at_its_share_of_a_time_budget() -> None:
 
 
 def test_a_truncated_pool_is_the_full_pools_prefix() -> None:
-    full = NoisePool(40, (3,), 80.0, seed=5, device="cpu", n_conditions=4)
-    cut = NoisePool(40, (3,), 80.0, seed=5, device="cpu", n_conditions=4)
+    full = NoisePool(40, (3,), 80.0, seed=5, device="cpu", conditions=range(4))
+    cut = NoisePool(40, (3,), 80.0, seed=5, device="cpu", conditions=range(4))
     cut._end, cut._has_end[:25] = torch.zeros_like(cut.x), True
     cut.truncate(25)
     assert cut.size == 25 and torch.equal(cut.x, full.x[:25]) and torch.equal(cut.cond, full.cond[:25])

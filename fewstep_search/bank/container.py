@@ -135,6 +135,13 @@ class Bank:
         """The trajectories results are reported on; no decision ever looks at them."""
         return self.part("test")
 
+    def fit_conditions(self) -> tuple[int, ...]:
+        """The condition indices of the fit trajectories (empty for an unconditional model): what Phase-2 may train
+        on. A prompt set's bank is split by prompt, so its select and test prompts are not among them."""
+        if self.cond is None:
+            return ()
+        return tuple(sorted(set(self.cond[self.indices("fit")].tolist())))
+
     def lean(self) -> Bank:
         """Without the trajectory states (what Phase-1 trials need: half the bytes or less)."""
         return dataclasses.replace(self, states=None)

@@ -51,7 +51,8 @@ def build_keep_set(denoiser: Denoiser, plan: BankPlan, n: int, *, device: torch.
     k0 = plan.n_trajectories
     grid = plan.grid().to(device)
     x_start = plan.x_start(k0, k0 + n)
-    cond = None if plan.n_conditions <= 0 else torch.arange(k0, k0 + n) % plan.n_conditions
+    allowed = plan.decision_conditions()  # a prompt set's test prompts never decide
+    cond = None if allowed is None else allowed[torch.arange(k0, k0 + n) % allowed.numel()]
     x_end = torch.empty_like(x_start)
     chunk = batch_size or min(n, KEEP_CHUNK)
     with task_progress("solving the keep set", total=(grid.numel() - 1) * math.ceil(n / chunk),

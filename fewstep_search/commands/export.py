@@ -107,11 +107,22 @@ def _model_path(model: dict[str, Any], base_dir: Path | None) -> Path | None:
     return base_dir / p if base_dir is not None and not p.is_absolute() else p
 
 
-def _load(model: dict[str, Any], base_dir: Path | None) -> Any:
+def _load(model: dict[str, Any], base_dir: Path | None, run_dir: Path | None = None) -> Any:
+    """The run's model; a pipeline's with the prompt set the run embedded (its run folder's cache: no encoder)."""
     from fewstep_search.models import loading
 
     kind = model["kind"]
-    args = dict(path=model.get("path"), factory=model.get("factory"), options=model.get("options") or {})
+    options = dict(model.get("options") or {})
+    if kind == "pipeline" and run_dir is not None:
+        from fewstep_search.models.t2i.prompts import cached_prompts
+        from fewstep_search.models.t2i.setup import PROMPT_EMBEDDINGS_FILE
+        from fewstep_search.rundir import RunDir
+
+        cache = run_dir / PROMPT_EMBEDDINGS_FILE
+        prompts = (RunDir(run_dir).recorded_config() or {}).get("prompts") or {}
+        options.update(conditions=cached_prompts(cache), prompt_embeddings=str(cache),
+                       guidance_scale=float(prompts.get("guidance_scale", 1.0)))
+    args = dict(path=model.get("path"), factory=model.get("factory"), options=options)
     return loading.load_model(kind, device="cpu", base_dir=base_dir, **args)
 
 
@@ -128,6 +139,15 @@ def model_info_of(model: dict[str, Any], base_dir: Path | None) -> Any:
 
         scheduler_file = find_layout(path)[1]
         return ModelInfo(family="vp", vp=vp_from_scheduler_config(read_scheduler_config(scheduler_file)))
+    if kind == "pipeline" and path is not None:
+        from fewstep_search.models.diffusers_adapter import vp_from_scheduler_config
+        from fewstep_search.models.t2i.folder import read_pipeline_folder
+
+        folder = read_pipeline_folder(path)
+        if folder.family == "vp":
+            return ModelInfo(family="vp", vp=vp_from_scheduler_config(folder.scheduler_config))
+        return ModelInfo(family="flow", shift=float(folder.scheduler_config.get("shift", 1.0)),
+                         scheduler_config=folder.scheduler_config)
     if kind == "flow" and path is not None:
         from fewstep_search.models.diffusers_adapter import read_scheduler_config
         from fewstep_search.models.flow import FLOW_SCHEDULER, find_flow_layout
@@ -146,7 +166,7 @@ def _statuses(args: argparse.Namespace) -> tuple[Any, str, list[Any]]:
     pair = kept_pair(args)
     config = run_config(args.run_dir) if (args.run_dir / "config.json").is_file() else {"model": {"kind": "?"}}
     kind = str(config["model"].get("kind"))
-    rows = export.format_statuses(pair.schedule, kind=kind, has_folder=kind in ("diffusers", "flow") and
+    rows = export.format_statuses(pair.schedule, kind=kind, has_folder=kind in export.FOLDER_KINDS and
                                   bool(config["model"].get("path")))
     return pair, kind, rows
 
@@ -209,9 +229,16 @@ def _folder(args: argparse.Namespace, pair: Any, model: dict[str, Any], base_dir
     path = _model_path(model, base_dir)
     if args.out is None:
         raise ValueError("--format diffusers-folder writes a folder: pass --out DIR")
-    out = export_diffusers_folder(_load(model, base_dir), path, args.out, pair=pair)
+    den = _load(model, base_dir, args.run_dir)
+    out = export_diffusers_folder(den, path, args.out, pair=pair)
     what = f"round {pair.round}'s fine-tuned weights" if pair.weights else "the untouched weights"
     print(f"wrote {out}: {what}, {pair.schedule.nfe} steps of {pair.solver} (FewstepScheduler)")
+    from fewstep_search.denoiser import advertised
+
+    guidance = advertised(den, "guidance")
+    if guidance is not None:
+        print(f"searched for guidance_scale={guidance.guidance_scale:g}: call the pipeline with it and "
+              f"num_inference_steps={pair.schedule.nfe}")
     return None
 
 

@@ -47,7 +47,7 @@ def execute(args: argparse.Namespace, *, rounds: int | None = None) -> int:
     console = Console()
     t0 = time.perf_counter()
     rundir = RunDir(args.out)
-    console.print(f"[bold]model[/bold] {config.model.model_id}  [bold]budget[/bold] {config.nfe} NFE  "
+    console.print(f"[bold]model[/bold] {config.model_id}  [bold]budget[/bold] {config.nfe} NFE  "
                   f"[bold]rounds[/bold] {config.rounds}  [bold]run dir[/bold] {rundir.path}")
     reporter = ConsoleReporter(console, progress=not args.quiet)
     options = LoopOptions(engine="local" if args.in_process else "ray", study_path=study_path)
@@ -71,12 +71,12 @@ def execute(args: argparse.Namespace, *, rounds: int | None = None) -> int:
 
 def export_command(best: dict[str, Any], config: Any, run_dir: Path) -> str:
     """The export command that carries most of the kept pair and works for it (`export.format_statuses`)."""
-    from fewstep_search.export import format_statuses
+    from fewstep_search.export import FOLDER_KINDS, format_statuses
     from fewstep_search.schedules import Schedule
 
     kind = config.model.kind
     rows = {r.name: r for r in format_statuses(Schedule.from_dict(best), kind=kind,
-                                               has_folder=kind in ("diffusers", "flow") and bool(config.model.path))}
+                                               has_folder=kind in FOLDER_KINDS and bool(config.model.path))}
     name = next((n for n in ("diffusers-folder", "k-diffusion", "json") if rows[n].works), "json")
     return f"fewstep-search export {run_dir} --format {name}" + (
         f" --out {run_dir}/diffusers" if name == "diffusers-folder" else "")

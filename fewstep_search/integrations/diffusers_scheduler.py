@@ -50,6 +50,14 @@ FLOW_PREDICTION = "flow"
 """`prediction_type` of a flow model: the network predicts the velocity v = eps - x0."""
 
 
+def _is_flux_default(sigmas: Sequence[float], n: int) -> bool:
+    """Whether `sigmas` is Flux's pipeline default for n steps, `linspace(1, 1/n, n)`."""
+    import numpy as np
+
+    values = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    return values.size == n and bool(np.allclose(values, np.linspace(1.0, 1.0 / n, n), atol=1e-6))
+
+
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """The N-step sampler of one fewstep-search result (see the module docstring).
 
@@ -110,7 +118,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         timesteps: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Start a pass of the stored schedule; `num_inference_steps` must be its N (or None)."""
+        """Start a pass of the stored schedule; `num_inference_steps` must be its N (or None).
+
+        Flux's pipeline always passes `sigmas` (its default spacing `linspace(1, 1/N, N)`) and a resolution shift
+        `mu`: that default is accepted and replaced by the stored schedule (which is absolute, so no shift
+        applies); any other sigmas or timesteps are refused."""
+        if sigmas is not None and _is_flux_default(sigmas, self.nfe):
+            sigmas = None
         if sigmas is not None or timesteps is not None:
             raise ValueError("FewstepScheduler runs the schedule in its config; call the pipeline without sigmas or "
                              "timesteps")
@@ -122,6 +136,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._sigmas = self._sigmas.to(device=device)
         self._steps = steps_for(self.config.solver, sampling_sigmas(self._sigmas))
         self._step_index = 0
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Pipelines that can start part-way (img2img) call this; a text-to-image pass starts at step 0."""
+        if int(begin_index) != 0:
+            raise ValueError("FewstepScheduler runs its whole schedule; it cannot start part-way (img2img)")
 
     def scale_model_input(self, sample: Tensor, timestep: float | Tensor | None = None) -> Tensor:
         """The identity: the network takes the pipeline's state as it is (module docstring)."""

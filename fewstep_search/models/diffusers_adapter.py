@@ -225,8 +225,9 @@ class DiffusersUNetDenoiser(nn.Module):
             name=str(root),
         )
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """`x` [B, C, H, W] in the EDM convention (x~), `sigma` [B] (or one value) sigma~ -> [B, C, H, W]."""
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """`x` [B, C, H, W] in the EDM convention (x~), `sigma` [B] (or one value) sigma~ -> [B, C, H, W]; `cond`
+        [B] condition indices for a conditional subclass (`fewstep_search.models.t2i`)."""
         param = next(self.unet.parameters())
         dev, model_dtype = param.device, param.dtype
         x64 = x.to(device=dev, dtype=torch.float64)
@@ -236,11 +237,18 @@ class DiffusersUNetDenoiser(nn.Module):
         elif sig.numel() != x.shape[0]:
             raise ValueError(f"sigma has {sig.numel()} values for a batch of {x.shape[0]}")
         alpha = torch.rsqrt(1.0 + sig**2).reshape(-1, *([1] * (x.ndim - 1)))
-        out = self.unet((x64 * alpha).to(model_dtype), self.model_timesteps(sig), return_dict=False)[0]
+        out = self.network_output((x64 * alpha).to(model_dtype), self.model_timesteps(sig), cond)
         if self.learned_variance:
             out = out[:, : x.shape[1]]
         d = vp_output_to_x0(out.to(torch.float64), x=x64, sigma=sig, prediction_type=self.prediction_type)
         return d.to(device=x.device, dtype=x.dtype)
+
+    def network_output(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """The network's output at the VP state x_t and timesteps t: the one call a subclass replaces (a text-to-image
+        UNet's prompts and guidance)."""
+        if cond is not None:
+            raise ValueError(f"{self.name} is unconditional: it takes no condition indices")
+        return self.unet(x_t, t, return_dict=False)[0]
 
     def model_timesteps(self, sigma: Tensor) -> Tensor:
         """The timesteps the network is called with at sigma~: fractional (differentiable, float32) or the nearest

@@ -182,8 +182,9 @@ class FlowMatchDenoiser(nn.Module):
                 return p.device, p.dtype
         return x.device, x.dtype
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """`x` [B, *shape] in the EDM convention, `sigma` [B] (or one value), finite and >= 0 -> D [B, *shape]."""
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """`x` [B, *shape] in the EDM convention, `sigma` [B] (or one value), finite and >= 0 -> D [B, *shape];
+        `cond` [B] condition indices for a conditional subclass (`fewstep_search.models.t2i`)."""
         dev, run_dtype = self._placement(x)
         x64 = x.to(device=dev, dtype=torch.float64)
         sig = sigma.to(device=dev, dtype=torch.float64).reshape(-1)
@@ -193,15 +194,19 @@ class FlowMatchDenoiser(nn.Module):
             raise ValueError(f"sigma has {sig.numel()} values for a batch of {x.shape[0]}")
         view = (-1,) + (1,) * (x.ndim - 1)
         x_t = x64 / (1.0 + sig).reshape(view)  # (1 - t) x, without forming 1 - t
-        raw = (self.model if self.model is not None else self._fn)(  # type: ignore[misc]
-            x_t.to(run_dtype), self.model_timesteps(sig).to(run_dtype)
-        )
-        v = _unwrap(raw)
+        v = self.velocity(x_t.to(run_dtype), self.model_timesteps(sig).to(run_dtype), cond)
         if not isinstance(v, Tensor) or v.shape != x.shape:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(f"velocity model {self.name} returned {got} for input shape {tuple(x.shape)}")
         d = flow_output_to_x0(v.to(torch.float64), x_t=x_t, sigma=sig)
         return d.to(device=x.device, dtype=x.dtype)
+
+    def velocity(self, x_t: Tensor, t_model: Tensor, cond: Tensor | None) -> Tensor:
+        """The model's velocity at the flow state x_t and model timesteps: the one call a subclass replaces (a
+        text-to-image transformer's prompts and guidance)."""
+        if cond is not None:
+            raise ValueError(f"{self.name} is unconditional: it takes no condition indices")
+        return _unwrap((self.model if self.model is not None else self._fn)(x_t, t_model))  # type: ignore[misc]
 
     def model_timesteps(self, sigma: Tensor) -> Tensor:
         """The timesteps the network is called with at sigma: `t * timestep_scale`, t = sigma / (1 + sigma) (float64;

@@ -12,6 +12,7 @@ a NaN or a wrong-shaped output fails at the call that produced it.
 | edm       | factory            | `sigma_min`, `sigma_max`, `prediction_type`; the rest go to the factory|
 | factory   | factory            | passed to the factory as keyword arguments (with `device`)             |
 | flow      | path or factory    | a FlowMatch diffusers folder, or a velocity factory (docs/flow.md)     |
+| pipeline  | path (local)       | `height`, `width`, `dtype`; the prompts come from the study's [prompts]|
 
 `factory` and `edm` run the user's own Python code (see `fewstep_search.models.factory`).
 """
@@ -128,6 +129,32 @@ def _load_flow(req: _Request) -> Denoiser:
     return load_flow(req)
 
 
+PIPELINE_OPTIONS = ("height", "width", "dtype", "timestep_mode")
+"""A pipeline's `[model] options`; `prompt_embeddings`, `guidance_scale` and `conditions` (the prompts) are added
+by the run from the study's `[prompts]` (`fewstep_search.resolve.model_source`)."""
+
+
+def _load_pipeline(req: _Request) -> Denoiser:
+    from fewstep_search.models.t2i.guided import load_pipeline_denoiser
+
+    opts = dict(req.options)
+    unknown = sorted(set(opts) - set(PIPELINE_OPTIONS) - {"prompt_embeddings", "guidance_scale", "conditions"})
+    if unknown:
+        raise ValueError(f"model kind 'pipeline': unknown options {unknown}; known: {', '.join(PIPELINE_OPTIONS)}")
+    if "prompt_embeddings" not in opts or "conditions" not in opts:
+        raise ValueError("model kind 'pipeline' needs a [prompts] table in the study (file, guidance_scale)")
+    dtype_name = opts.get("dtype", "float32")
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"model kind 'pipeline': dtype {dtype_name!r} is not one of {', '.join(_DTYPES)}")
+    missing = [k for k in ("height", "width") if k not in opts]
+    if missing:
+        raise ValueError(f"model kind 'pipeline' needs options {missing}: the image size in pixels")
+    return load_pipeline_denoiser(
+        _required(req.path, "path"), opts["prompt_embeddings"], prompts=list(opts["conditions"]),
+        guidance_scale=float(opts.get("guidance_scale", 1.0)), height=opts["height"], width=opts["width"],
+        device=req.device, dtype=_DTYPES[dtype_name], timestep_mode=opts.get("timestep_mode", "interpolate"))
+
+
 MODEL_KINDS: dict[str, _Kind] = {
     "digits": _Kind(_load_digits),
     "mixture": _Kind(_load_mixture),
@@ -135,6 +162,7 @@ MODEL_KINDS: dict[str, _Kind] = {
     "edm": _Kind(_load_edm, needs_factory=True),
     "factory": _Kind(_load_user_factory, needs_factory=True),
     "flow": _Kind(_load_flow, path_or_factory=True),
+    "pipeline": _Kind(_load_pipeline, needs_path=True),
 }
 
 

@@ -16,7 +16,7 @@ refilled on demand after a resume (they are cheap relative to a round). Nothing 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,6 +66,14 @@ def auto_pool_size(*, budget_seconds: float, seconds_per_sample: float, share: f
     return max(batch, min(n, cap))
 
 
+def draw_conditions(conditions: Sequence[int], size: int, generator: torch.Generator) -> Tensor | None:
+    """`size` condition indices drawn uniformly from `conditions` (None for an unconditional model)."""
+    if not conditions:
+        return None
+    pick = torch.randint(0, len(conditions), (size,), generator=generator)
+    return torch.as_tensor(list(conditions), dtype=torch.long)[pick]
+
+
 class NoisePool:
     """`size` starting states `sigma_max * eps` (one worker's share), their conditions, and cached teacher work."""
 
@@ -78,7 +86,7 @@ class NoisePool:
         seed: int,
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
-        n_conditions: int = 0,
+        conditions: Sequence[int] = (),
         keep_path: bool = False,
     ) -> None:
         if size < 1:
@@ -86,9 +94,8 @@ class NoisePool:
         g = torch.Generator().manual_seed(seed)
         self.size, self.seed, self.keep_path = size, seed, keep_path
         self.x = (sigma_max * torch.randn(size, *shape, generator=g, dtype=torch.float64)).to(device, dtype)
-        self.cond = (
-            torch.randint(0, n_conditions, (size,), generator=g).to(device) if n_conditions > 0 else None
-        )
+        cond = draw_conditions(conditions, size, g)
+        self.cond = None if cond is None else cond.to(device)
         self._first: Tensor | None = None
         self._has_first = torch.zeros(size, dtype=torch.bool)
         self._traj: Tensor | None = None

@@ -136,6 +136,7 @@ def fine_tune(
         select=eval_bank(bank.select()), test=eval_bank(bank.test()), shape=bank.shape, spec=spec,
         out_dir=str(root), device=device, resume_from=None if latest is None else str(latest), config_key=key,
         n_conditions=len(den.conditions) if is_conditional(den) else 0, solver=solver,
+        train_conditions=bank.fit_conditions(),
         start_sigmas=round_start(sigmas, spec.schedule_start, fine_tuned=student.model_id != teacher.model_id),
     )
     root.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from fewstep_search.phase2.loss import (
 )
 from fewstep_search.phase2.models import load_student, load_teacher
 from fewstep_search.phase2.optim import Clock, clip_gradients, make_ema, make_optimizer, make_scheduler
-from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool
+from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool, draw_conditions
 from fewstep_search.phase2.pool_fill import fill_deadline, fill_end_points, read_fill, timed_pool_size
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
@@ -73,6 +73,8 @@ class WorkerConfig:
     resume_from: str | None = None
     config_key: str = ""
     n_conditions: int = 0
+    train_conditions: tuple[int, ...] = ()
+    """The conditions trained on: the fit set's (`Bank.fit_conditions`; a prompt set's test prompts never train)."""
     solver: str = "ddim"
     node_weights: tuple[float, ...] = ()
     """phi at the schedule's interior nodes (the path term's weights; from the bank, like `weights`)."""
@@ -209,7 +211,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     pool = NoisePool(
         state.pool_size, cfg.shape, cfg.sigmas[0],
         seed=spec.seed * 1009 + ctx.rank, device=device, dtype=cfg.select.x_start.dtype,
-        n_conditions=cfg.n_conditions, keep_path=spec.path_weight > 0,
+        conditions=cfg.train_conditions, keep_path=spec.path_weight > 0,
     )
     if state.pool_used is not None:  # a resumed round whose fill stopped at its deadline: the same prefix
         pool.truncate(state.pool_used)
@@ -373,7 +375,7 @@ def _step_loss(
         g = torch.Generator().manual_seed(spec.seed * 100_003 + step)
         x = (cfg.sigmas[0] * torch.randn(batch, *cfg.shape, generator=g, dtype=torch.float64)).to(
             device=weights.device, dtype=cfg.select.x_start.dtype)
-        cond = None if cfg.n_conditions == 0 else torch.randint(0, cfg.n_conditions, (batch,), generator=g)
+        cond = draw_conditions(cfg.train_conditions, batch, g)
         cond = None if cond is None else cond.to(weights.device)
         bound = teacher if cond is None else dataclasses.replace(teacher, teacher=bind_condition(teacher.teacher, cond))
         states, targets = student_state_targets(bind_student(module, cond, autocast), bound.target, x, cfg.sigmas,

@@ -36,6 +36,7 @@ __all__ = [
     "SearchSpec",
     "TrialTemplate",
     "PruningSpec",
+    "PromptsSpec",
     "Phase2Spec",
     "DEFAULT_PORTFOLIO",
     "MODEL_KIND_NAMES",
@@ -43,7 +44,7 @@ __all__ = [
     "format_validation_error",
 ]
 
-MODEL_KIND_NAMES = ("digits", "mixture", "diffusers", "edm", "factory", "flow")
+MODEL_KIND_NAMES = ("digits", "mixture", "diffusers", "edm", "factory", "flow", "pipeline")
 
 
 class StudyError(ValueError):
@@ -53,7 +54,7 @@ class StudyError(ValueError):
 class ModelSpec(Strict):
     """Which denoiser to load (see docs/models.md): a built-in, a diffusers folder, or a user factory."""
 
-    kind: Literal["digits", "mixture", "diffusers", "edm", "factory", "flow"] = "digits"
+    kind: Literal["digits", "mixture", "diffusers", "edm", "factory", "flow", "pipeline"] = "digits"
     path: str | None = None
     factory: str | None = Field(default=None, description="'module:function' or 'file.py:function' (user code)")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -75,8 +76,8 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _needs(self) -> ModelSpec:
-        if self.kind == "diffusers" and not self.path:
-            raise ValueError("model.kind = 'diffusers' needs model.path (a local folder)")
+        if self.kind in ("diffusers", "pipeline") and not self.path:
+            raise ValueError(f"model.kind = '{self.kind}' needs model.path (a local folder)")
         if self.kind in ("factory", "edm") and not self.factory:
             raise ValueError(f"model.kind = '{self.kind}' needs model.factory = 'module:function'")
         if self.kind == "flow" and not (self.path or self.factory):
@@ -88,6 +89,14 @@ class ModelSpec(Strict):
         if "conditions" in self.options:
             raise ValueError("list conditions as model.conditions, not inside model.options")
         return self
+
+
+class PromptsSpec(Strict):
+    """A text-to-image pipeline's prompt set (docs/models.md): one schedule is searched for all of them."""
+
+    file: str = Field(description="one prompt a line; relative paths follow the study file")
+    guidance_scale: float = Field(default=7.5, ge=0, description="the pipeline's guidance_scale")
+    negative_prompt: str | None = Field(default=None, description="None: the pipeline's own default")
 
 
 class BankSpec(Strict):
@@ -145,7 +154,26 @@ class StudyConfig(Strict):
     bank: BankSpec = Field(default_factory=BankSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     phase2: Phase2Spec = Field(default_factory=Phase2Spec)
+    prompts: PromptsSpec | None = None
     device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _prompts_need_a_pipeline(self) -> StudyConfig:
+        if (self.prompts is None) == (self.model.kind == "pipeline"):
+            raise ValueError("model.kind = 'pipeline' needs a [prompts] table (file, guidance_scale)"
+                             if self.prompts is None else
+                             "[prompts] is for model.kind = 'pipeline' (a text-to-image pipeline folder)")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """The model's identity (`ModelSpec.model_id`), with the prompt set's for a pipeline: a bank built for one
+        prompt set or guidance scale is never reused for another."""
+        if self.prompts is None:
+            return self.model.model_id
+        p = self.prompts
+        return f"{self.model.model_id}:prompts={p.file}@{_file_digest(p.file)}:g={p.guidance_scale:g}" + (
+            f":neg={json.dumps(p.negative_prompt)}" if p.negative_prompt is not None else "")
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
         """A copy with top-level fields replaced (None values ignored), validated again (StudyError if not)."""
@@ -155,6 +183,16 @@ class StudyConfig(Strict):
             return StudyConfig.model_validate(data)
         except ValidationError as exc:
             raise StudyError(format_validation_error(exc)) from None
+
+
+def _file_digest(path: str) -> str:
+    """A short hash of a file's bytes ("missing" where it cannot be read: the run reports that itself)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:12]
+    except OSError:
+        return "missing"
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -178,6 +216,11 @@ def load_study(path: str | Path | None) -> StudyConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise StudyError(f"study file {p} is not valid TOML: {exc}") from None
     try:
-        return StudyConfig.model_validate(data)
+        config = StudyConfig.model_validate(data)
     except ValidationError as exc:
         raise StudyError(f"study file {p}: {format_validation_error(exc)}") from None
+    prompts = config.prompts
+    if prompts is not None and not Path(prompts.file).expanduser().is_absolute():  # relative to the study file
+        moved = prompts.model_copy(update={"file": str(p.parent / prompts.file)})
+        config = config.model_copy(update={"prompts": moved})
+    return config
