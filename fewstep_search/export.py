@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 FAMILIES = MODEL_FAMILIES
-FORMATS = ("json", "k-diffusion", "diffusers", "diffusers-folder")
+FORMATS = ("json", "k-diffusion", "diffusers", "diffusers-folder", "lora")
 FOLDER_KINDS = ("diffusers", "flow", "pipeline")
 """Model kinds loaded from a diffusers folder, which `diffusers-folder` exports (with a `path`)."""
 # FlowMatchEulerDiscreteScheduler options that replace or re-map the given sigmas beyond the (undoable) shift.
@@ -282,10 +282,11 @@ class FormatStatus:
     line: str
 
 
-def format_statuses(schedule: Schedule, *, kind: str, has_folder: bool) -> list[FormatStatus]:
+def format_statuses(schedule: Schedule, *, kind: str, has_folder: bool, has_adapters: bool = False
+                    ) -> list[FormatStatus]:
     """Every export format for a pair (`schedule` with its solver and family) of a model of `kind`, in order of
     how much of the pair it carries; `has_folder`: the model is a diffusers folder (kinds diffusers, flow,
-    pipeline)."""
+    pipeline); `has_adapters`: the pair's weights are a LoRA round's (`fewstep_search.phase2.lora`)."""
     from fewstep_search.solvers import STEPS
 
     solver, family = schedule.solver, schedule.family
@@ -307,6 +308,9 @@ def format_statuses(schedule: Schedule, *, kind: str, has_folder: bool) -> list[
         why = ""
     out.append(FormatStatus("diffusers-folder", not why, why or "a pipeline folder: weights, sigmas and the "
                             "package's scheduler for " + solver))
+    lora = has_adapters and kind == "pipeline"
+    out.append(FormatStatus("lora", lora, "the round's LoRA adapters, for pipe.load_lora_weights" if lora else
+                            "the kept pair has no LoRA adapters (phase2.lora_rank on a pipeline)"))
     return out
 
 

@@ -34,12 +34,31 @@ from typing import Any
 from fewstep_search.atomic import atomic_path, atomic_write_json
 from fewstep_search.bank import Bank, BankMismatchError, load_bank
 from fewstep_search.candidate import Candidate
+from fewstep_search.phase2.checkpoints import ADAPTERS_FILE
 from fewstep_search.study import StudyConfig
 
 __all__ = ["RunDir", "RunDirError", "check_writable", "identity_of"]
 
 RECORD_FILE = "optuna.json"
 
+
+
+def adapters_beside(weights: Path) -> Path | None:
+    """A LoRA round's adapters, kept beside its merged weights (`fewstep_search.phase2.lora`), or None."""
+    path = Path(weights).with_name(ADAPTERS_FILE)
+    return path if path.is_file() else None
+
+
+def _copy_with_adapters(weights: Path, target: Path) -> None:
+    """Copy round weights to `target` atomically, and the adapters beside them (or remove stale ones)."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(weights, tmp)
+    adapters = adapters_beside(weights)
+    if adapters is not None:
+        with atomic_path(target.with_name(ADAPTERS_FILE)) as tmp:
+            shutil.copyfile(adapters, tmp)
+    else:
+        target.with_name(ADAPTERS_FILE).unlink(missing_ok=True)
 
 class RunDirError(ValueError):
     """The run directory cannot be used: another study's run, a file in the way, or not writable."""
@@ -174,9 +193,8 @@ class RunDir:
         return self.round_dir(r) / "model.safetensors"
 
     def store_model(self, r: int, checkpoint: Path) -> Path:
-        """Copy a Phase-2 result to round r's model.safetensors (atomically)."""
-        with atomic_path(self.model_path(r)) as tmp:
-            shutil.copyfile(checkpoint, tmp)
+        """Copy a Phase-2 result to round r's model.safetensors (atomically), with a LoRA round's adapters."""
+        _copy_with_adapters(checkpoint, self.model_path(r))
         return self.model_path(r)
 
     # ------------------------------------------------------------ results
@@ -185,10 +203,10 @@ class RunDir:
         fine-tuned pair, a copy of its weights as best/model.safetensors."""
         best = self.path / "best"
         if pair.weights is not None:
-            with atomic_path(best / "model.safetensors") as tmp:
-                shutil.copyfile(pair.weights, tmp)
-        elif (best / "model.safetensors").exists():
-            (best / "model.safetensors").unlink()  # the best pair is now the untouched model
+            _copy_with_adapters(Path(pair.weights), best / "model.safetensors")
+        else:  # the best pair is now the untouched model
+            for name in ("model.safetensors", ADAPTERS_FILE):
+                (best / name).unlink(missing_ok=True)
         row = {**pair.schedule.to_dict(), "round": pair.round, "origin": pair.origin, **pair.scores.as_row()}
         return atomic_write_json(best / "schedule.json", row)
 

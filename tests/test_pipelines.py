@@ -158,3 +158,19 @@ def test_bad_input_is_one_line_before_any_network_loads(case: str, expect: str, 
     err = _run(tmp_path, capsys, studies[case], files={**good, "empty.txt": "\n\n"})
     assert expect in err
     assert not (tmp_path / "run" / "prompt_embeddings.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux"])
+def test_a_copy_of_the_guided_denoiser_calls_its_own_network(name: str, folders, prompt_file, tmp_path: Path) -> None:
+    """A Phase-2 student is a deep copy: changing its weights must change its output, and only its output."""
+    import copy
+
+    den = _denoiser(folders[name], prompt_file, tmp_path / "emb.safetensors", 3.0)
+    student = copy.deepcopy(den)
+    x, sigma, cond = torch.randn(2, 4, 8, 8), torch.tensor([2.0, 0.5]), torch.tensor([0, 4])
+    before = den(x, sigma, cond)
+    with torch.no_grad():
+        for p in student.inner.parameters():
+            p.mul_(1.1)
+    assert torch.equal(den(x, sigma, cond), before)
+    assert not torch.allclose(student(x, sigma, cond), before, atol=1e-4)

@@ -1,4 +1,4 @@
-"""`fewstep-search export RUN_DIR [--format json|k-diffusion|diffusers|diffusers-folder] [--out FILE]`.
+"""`fewstep-search export RUN_DIR [--format json|k-diffusion|diffusers|diffusers-folder|lora] [--out FILE]`.
 
 Turns a run's kept pair (RUN_DIR/best/schedule.json with its solver, and best/model.safetensors when a Phase-2
 round was kept) into what a sampler takes, spending exactly the budget: sigma_min is replaced by 0, so N steps
@@ -13,6 +13,7 @@ work for this run. Formats:
   diffusers-folder  a complete pipeline folder (--out DIR): the pair's weights and the package's FewstepScheduler,
                     which runs every solver but Heun; load it after `import fewstep_search.integrations.
                     diffusers_scheduler` with DiffusionPipeline.from_pretrained(DIR)
+  lora              a LoRA round's adapters in diffusers' format (--out DIR), for pipe.load_lora_weights(DIR)
 
 The model's family (EDM, VP, flow) comes from RUN_DIR/config.json: folder models are read from their scheduler
 config, a user factory is loaded to ask it (or pass --family). Prints to stdout unless --out is given.
@@ -27,8 +28,9 @@ from typing import Any
 _FAMILY_OF_KIND = {"digits": "edm", "mixture": "edm", "edm": "edm"}
 # The same tuples as fewstep_search.export.FORMATS / FAMILIES (a test checks), kept here so that building the
 # parser does not import torch (`fewstep-search --help` stays fast).
-FORMATS = ("json", "k-diffusion", "diffusers", "diffusers-folder")
+FORMATS = ("json", "k-diffusion", "diffusers", "diffusers-folder", "lora")
 FAMILIES = ("edm", "vp", "flow")
+FOLDER_FORMATS = ("diffusers-folder", "lora")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -166,8 +168,11 @@ def _statuses(args: argparse.Namespace) -> tuple[Any, str, list[Any]]:
     pair = kept_pair(args)
     config = run_config(args.run_dir) if (args.run_dir / "config.json").is_file() else {"model": {"kind": "?"}}
     kind = str(config["model"].get("kind"))
+    from fewstep_search.rundir import adapters_beside
+
     rows = export.format_statuses(pair.schedule, kind=kind, has_folder=kind in export.FOLDER_KINDS and
-                                  bool(config["model"].get("path")))
+                                  bool(config["model"].get("path")),
+                                  has_adapters=pair.weights is not None and adapters_beside(pair.weights) is not None)
     return pair, kind, rows
 
 
@@ -186,7 +191,7 @@ def listing(args: argparse.Namespace) -> str:
     lines = [f"{args.run_dir}: {schedule.nfe} steps, solver {schedule.solver}, {schedule.family} model ({kind})"]
     for row in rows:
         cmd = f"fewstep-search export {args.run_dir} --format {row.name}" + (
-            " --out DIR" if row.name == "diffusers-folder" else "")
+            " --out DIR" if row.name in FOLDER_FORMATS else "")
         lines.append(f"  {'yes' if row.works else 'no ':3}  {row.name:17} {row.line}")
         if row.works:
             lines.append(f"       {cmd}")
@@ -206,9 +211,9 @@ def render(args: argparse.Namespace) -> str | None:
     pair, _, rows = _statuses(args)  # json / k-diffusion of a run that records its family need no config.json
     refuse_unless_it_works(args, rows)
     schedule, solver, family = pair.schedule, pair.solver, pair.schedule.family
-    if args.format == "diffusers-folder":
+    if args.format in FOLDER_FORMATS:
         config = run_config(args.run_dir)
-        return _folder(args, pair, config["model"], _base_dir(args, config))
+        return _folder(args, pair, config, _base_dir(args, config))
     if args.format == "diffusers":
         config = run_config(args.run_dir)
         info = model_info_of(config["model"], _base_dir(args, config))
@@ -222,14 +227,24 @@ def render(args: argparse.Namespace) -> str | None:
     return export.export_k_diffusion(schedule, family=family, solver=solver)
 
 
-def _folder(args: argparse.Namespace, pair: Any, model: dict[str, Any], base_dir: Path | None) -> None:
-    """Write the kept pair as a pipeline folder: the base model the study named, with the pair's weights."""
-    from fewstep_search.integrations.pipeline_folder import export_diffusers_folder
+def _folder(args: argparse.Namespace, pair: Any, config: dict[str, Any], base_dir: Path | None) -> None:
+    """Write the kept pair as a pipeline folder (the base model the study named, with the pair's weights), or a LoRA
+    round's adapters in diffusers' LoRA format."""
+    from fewstep_search.integrations.pipeline_folder import export_diffusers_folder, export_lora_folder
+    from fewstep_search.rundir import adapters_beside
 
+    model = config["model"]
     path = _model_path(model, base_dir)
     if args.out is None:
-        raise ValueError("--format diffusers-folder writes a folder: pass --out DIR")
+        raise ValueError(f"--format {args.format} writes a folder: pass --out DIR")
     den = _load(model, base_dir, args.run_dir)
+    if args.format == "lora":
+        phase2 = config.get("phase2") or {}
+        out = export_lora_folder(den, path, adapters_beside(pair.weights), args.out, rank=int(phase2["lora_rank"]),
+                                 alpha=phase2.get("lora_alpha"))
+        print(f"wrote {out}: round {pair.round}'s LoRA adapters; pipe.load_lora_weights({str(out)!r}) on the base "
+              f"pipeline, then num_inference_steps={pair.schedule.nfe} with the exported scheduler")
+        return None
     out = export_diffusers_folder(den, path, args.out, pair=pair)
     what = f"round {pair.round}'s fine-tuned weights" if pair.weights else "the untouched weights"
     print(f"wrote {out}: {what}, {pair.schedule.nfe} steps of {pair.solver} (FewstepScheduler)")

@@ -9,12 +9,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fewstep_search.candidate import Candidate
+from fewstep_search.models.source import trainable_module
 
-__all__ = ["SCHEDULER_LIBRARY", "export_diffusers_folder"]
+__all__ = ["SCHEDULER_LIBRARY", "export_diffusers_folder", "export_lora_folder"]
 
 SCHEDULER_LIBRARY = "fewstep_search.integrations.diffusers_scheduler"
 """The module `model_index.json` names for the exported scheduler (diffusers resolves it among imported modules)."""
@@ -47,6 +49,23 @@ def _pipeline_index(base: Path, sub: str, network: Any) -> dict[str, Any] | None
     return {**index, "scheduler": [SCHEDULER_LIBRARY, "FewstepScheduler"]}
 
 
+def _write_folder(out: Path, write: Callable[[Path], object]) -> Path:
+    """`write` fills a temporary folder beside `out`, which is then renamed to `out` (a failure leaves no half
+    folder); `out` must be absent or empty (checked by the callers first, before any work)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
 def export_diffusers_folder(
     denoiser: object, base_folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, pair: Candidate
 ) -> Path:
@@ -67,7 +86,7 @@ def export_diffusers_folder(
     from fewstep_search.integrations.diffusers_scheduler import FLOW_PREDICTION, SCHEDULER_FAMILIES, FewstepScheduler
     from fewstep_search.models.diffusers_adapter import read_scheduler_config
     from fewstep_search.models.flow import find_flow_layout
-    from fewstep_search.models.source import load_checkpoint_into, trainable_module
+    from fewstep_search.models.source import load_checkpoint_into
     from fewstep_search.solvers import STEPS
 
     schedule = pair.schedule
@@ -96,9 +115,8 @@ def export_diffusers_folder(
     )
     sub = model_dir.name if model_dir != base else ("unet" if "UNet" in type(network).__name__ else "transformer")
     index = _pipeline_index(base, sub, network)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+
+    def write(tmp: Path) -> None:
         if model_dir != base:  # a pipeline: keep its other components (vae, text encoders, tokenizers)
             for entry in base.iterdir():
                 if entry.name in (sub, "scheduler", "model_index.json"):
@@ -108,11 +126,39 @@ def export_diffusers_folder(
         scheduler.save_pretrained(tmp / "scheduler")
         if index is not None:
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+
+    return _write_folder(out, write)
+
+
+def export_lora_folder(denoiser: object, base_folder: str | os.PathLike[str], adapters: str | os.PathLike[str],
+                       out_dir: str | os.PathLike[str], *, rank: int, alpha: float | None = None) -> Path:
+    """Write a LoRA round's adapters in diffusers' LoRA format: `pipe.load_lora_weights(out_dir)` on the base
+    pipeline (with the exported `FewstepScheduler`, or any sampler) applies exactly the round's weights.
+
+    `adapters` is the round's `adapters.safetensors` (peft keys under the tool's denoiser); they are written with
+    the base pipeline class's own `save_lora_weights`, with the rank and alpha as adapter metadata.
+    """
+    import diffusers
+    from safetensors.torch import load_file
+
+    base, out = Path(base_folder).expanduser(), Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty folder; choose another --out")
+    index_file = base / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{base} is not a pipeline folder (no model_index.json): LoRA weights load into a pipeline")
+    pipeline_cls = getattr(diffusers, str(json.loads(index_file.read_text(encoding="utf-8")).get("_class_name")), None)
+    if pipeline_cls is None or not hasattr(pipeline_cls, "save_lora_weights"):
+        raise ValueError(f"{base}: this pipeline class loads no LoRA weights")
+    adapter = trainable_module(denoiser) or denoiser  # type: ignore[arg-type]
+    network = _network(adapter)
+    prefix = next(name for name, module in adapter.named_children() if module is network) + "."  # type: ignore
+    slot = "unet" if "UNet" in type(network).__name__ else "transformer"
+    layers = {key[len(prefix):].replace(".default.", "."): value for key, value in load_file(str(adapters)).items()
+              if key.startswith(prefix)}
+    if not layers:
+        raise ValueError(f"{adapters} holds no adapters of the {type(network).__name__}")
+    targets = sorted({key.split(".lora_")[0].split(".")[-1] for key in layers})
+    metadata = {"r": int(rank), "lora_alpha": float(alpha if alpha is not None else rank), "target_modules": targets}
+    save = {f"{slot}_lora_layers": layers, f"{slot}_lora_adapter_metadata": metadata}
+    return _write_folder(out, lambda tmp: pipeline_cls.save_lora_weights(tmp, **save))

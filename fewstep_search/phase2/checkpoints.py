@@ -7,6 +7,7 @@ Layout of a round's `out_dir`:
                                 student.safetensors  the raw (non-averaged) student weights
                                 optimizer.pt         AdamW + LR-scheduler state (torch.load(weights_only=True))
                                 pool.safetensors     the noise pool's cached teacher / student work (if small)
+                                adapters.safetensors a LoRA round's EMA adapters (model.safetensors: merged)
                                 state.json           step, epoch, seconds, teacher calls, history, config key
     epochs.jsonl                one line per finished epoch (what the driver shows while training runs)
     model.safetensors           the result, copied from the last good checkpoint when the round ends
@@ -37,6 +38,7 @@ from fewstep_search.atomic import atomic_path, atomic_write_json
 __all__ = [
     "CHECKPOINTS",
     "MODEL_FILE",
+    "ADAPTERS_FILE",
     "RESULT_FILE",
     "EPOCHS_FILE",
     "TrainState",
@@ -54,6 +56,7 @@ __all__ = [
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"
 STUDENT_FILE = "student.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 POOL_FILE = "pool.safetensors"
@@ -135,6 +138,7 @@ def write_checkpoint(
     optimizer_state: dict[str, Any],
     state: TrainState,
     pool_state: dict[str, Tensor] | None = None,
+    adapters_state: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write `root/checkpoints/epoch_XXXXXX` atomically (temp folder + rename); returns the folder."""
     base = root / CHECKPOINTS
@@ -148,6 +152,8 @@ def write_checkpoint(
             torch.save(optimizer_state, p)
         if pool_state:
             save_state_dict(pool_state, tmp / POOL_FILE)
+        if adapters_state:
+            save_state_dict(adapters_state, tmp / ADAPTERS_FILE)
         atomic_write_json(tmp / STATE_FILE, state.to_dict())  # written last: a folder with it is complete
         os.chmod(tmp, 0o755)
         if final.exists():  # the same epoch redone after a crash between its write and the next
@@ -169,6 +175,8 @@ class Checkpoint:
     optimizer: dict[str, Any]
     state: TrainState
     pool: dict[str, Tensor] | None
+    adapters: dict[str, Tensor] | None = None
+    """A LoRA round's EMA adapters (`ema` then holds the merged weights)."""
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
@@ -181,6 +189,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         optimizer=torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
         state=TrainState.from_dict(json.loads((folder / STATE_FILE).read_text())),
         pool=load_state_dict_file(pool) if pool.is_file() else None,
+        adapters=load_state_dict_file(folder / ADAPTERS_FILE) if (folder / ADAPTERS_FILE).is_file() else None,
     )
 
 

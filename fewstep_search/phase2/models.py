@@ -8,14 +8,25 @@ always a deep copy whose floating-point weights are turned trainable, since a lo
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fewstep_search.models.source import ModelSource, trainable_module
+from fewstep_search.phase2.checkpoints import Checkpoint, state_dict_cpu
+from fewstep_search.phase2.lora import (
+    AdaptersOff,
+    adapter_state,
+    attach_lora,
+    enable_gradient_checkpointing,
+    load_adapter_state,
+    merged_state,
+)
+from fewstep_search.study.phase2 import Phase2Spec
 
-__all__ = ["load_teacher", "load_student"]
+__all__ = ["load_teacher", "load_student", "RoundModels", "load_round_models"]
 
 
 def _move(den: Any, device: torch.device) -> Any:
@@ -51,3 +62,57 @@ def load_student(source: ModelSource, device: torch.device, *, dropout: bool) ->
             p.requires_grad_(True)  # a loaded model may arrive frozen (inference-only weights)
     module.train(dropout)
     return den, module
+
+
+@dataclass(frozen=True)
+class RoundModels:
+    """A round's teacher, student and the module whose weights train, and how those weights are saved: in full, or
+    (LoRA) as merged weights plus the adapters (`fewstep_search.phase2.lora`)."""
+
+    teacher: Any
+    student: Any
+    module: nn.Module
+    lora: bool = False
+
+    def result_state(self, ema_module: nn.Module) -> dict[str, Tensor]:
+        """The round's result format: the base model's keys (a LoRA round's adapters merged in)."""
+        return merged_state(ema_module) if self.lora else state_dict_cpu(ema_module)
+
+    def student_state(self, module: nn.Module) -> dict[str, Tensor]:
+        return adapter_state(module) if self.lora else state_dict_cpu(module)
+
+    def adapters_state(self, ema_module: nn.Module) -> dict[str, Tensor] | None:
+        return adapter_state(ema_module) if self.lora else None
+
+    def restore(self, ema_module: nn.Module, saved: Checkpoint) -> None:
+        """Load a checkpoint's student and EMA weights back (a resumed round)."""
+        if not self.lora:
+            self.module.load_state_dict(saved.student)
+            ema_module.load_state_dict(saved.ema)
+            return
+        if saved.adapters is None:
+            raise ValueError("the checkpoint holds no adapters: it is not a LoRA round's")
+        load_adapter_state(self.module, saved.student)
+        load_adapter_state(ema_module, saved.adapters)
+
+
+def load_round_models(teacher: ModelSource, student: ModelSource, device: torch.device, spec: Phase2Spec
+                      ) -> RoundModels:
+    """The round's models: a loaded teacher and a private student copy, or (LoRA) one network whose adapters train
+    and whose base, with the adapters off, is the teacher (a fresh adapter on the teacher's weights each round)."""
+    if spec.lora_rank is None:
+        student_den, module = load_student(student, device, dropout=spec.dropout)
+        if spec.gradient_checkpointing:
+            enable_gradient_checkpointing(module)
+        return RoundModels(load_teacher(teacher, device), student_den, module)
+    den = teacher.on(str(device)).load(cache=False)  # loaded afresh from a spec: this process's own object
+    den = copy.deepcopy(den) if teacher.denoiser is not None else _move(den, device)  # never a caller's model
+    module = trainable_module(den)
+    if module is None:
+        raise ValueError(f"model {teacher.model_id} has no trainable torch.nn.Module: Phase-2 cannot fine-tune it")
+    attach_lora(module, rank=spec.lora_rank, alpha=spec.lora_alpha,
+                targets=tuple(spec.lora_targets) if spec.lora_targets else None)
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(module)
+    module.to(device).train(spec.dropout)
+    return RoundModels(AdaptersOff(den, module), den, module, lora=True)

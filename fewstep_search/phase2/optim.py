@@ -8,6 +8,7 @@ Nothing here imports Ray.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -140,9 +141,28 @@ def _ema_with_warmup(decay: float) -> Callable[..., None]:
     return update
 
 
-def make_ema(module: nn.Module, *, decay: float) -> AveragedModel:
-    """An EMA of the student (`AveragedModel`, buffers averaged too, so its module's state dict is complete)."""
-    ema = AveragedModel(module, multi_avg_fn=_ema_with_warmup(decay), use_buffers=True)
+def _skip_shared(update: Callable[..., None]) -> Callable[..., None]:
+    """`update` over the pairs whose tensors differ (a tensor the copy shares with the student averages to itself)."""
+
+    def skip(ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        pairs = [(e, p) for e, p in zip(ema_params, params, strict=True) if e.data_ptr() != p.data_ptr()]
+        if pairs:
+            update([e for e, _ in pairs], [p for _, p in pairs], n_averaged)
+
+    return skip
+
+
+def make_ema(module: nn.Module, *, decay: float, share_frozen: bool = False) -> AveragedModel:
+    """An EMA of the student (`AveragedModel`, buffers averaged too, so its module's state dict is complete).
+
+    `share_frozen`: the copy shares the student's frozen parameters instead of copying them (a LoRA round: only the
+    adapters train, so the average of the base weights is the base weights; `fewstep_search.phase2.lora`)."""
+    if not share_frozen:
+        ema = AveragedModel(module, multi_avg_fn=_ema_with_warmup(decay), use_buffers=True)
+    else:
+        memo: dict[int, object] = {id(p): p for p in module.parameters() if not p.requires_grad}
+        ema = AveragedModel(nn.Identity(), multi_avg_fn=_skip_shared(_ema_with_warmup(decay)), use_buffers=True)
+        ema.module = copy.deepcopy(module, memo)
     ema.eval()
     for p in ema.parameters():
         p.requires_grad_(False)

@@ -169,6 +169,9 @@ def _finish(root: Path, summary: dict[str, Any], key: str, seconds: float) -> Fi
     else:
         weights = summary["start_weights"]
     path = ck.publish_model(root, weights)
+    adapters = None if summary["checkpoint"] is None else Path(summary["checkpoint"]) / ck.ADAPTERS_FILE
+    if adapters is not None and adapters.is_file():  # a LoRA round: its adapters go beside its merged weights
+        ck.save_state_dict(ck.load_state_dict_file(adapters), root / ck.ADAPTERS_FILE)
     result = FineTuneResult(
         checkpoint=path, history=list(state.history or []), stopped_reason=summary["stopped_reason"],
         seconds=state.seconds if state.history else seconds, initial=summary.get("initial") or state.initial,

@@ -46,14 +46,14 @@ from fewstep_search.phase2.loss import (
     student_state_targets,
     teacher_forced_loss,
 )
-from fewstep_search.phase2.models import load_student, load_teacher
+from fewstep_search.phase2.models import load_round_models
 from fewstep_search.phase2.optim import Clock, clip_gradients, make_ema, make_optimizer, make_scheduler
 from fewstep_search.phase2.pool import SAVE_LIMIT_BYTES, NoisePool, draw_conditions
 from fewstep_search.phase2.pool_fill import fill_deadline, fill_end_points, read_fill, timed_pool_size
 from fewstep_search.phase2.targets import CountingDenoiser, IntervalTeacher
 from fewstep_search.study.phase2 import Phase2Spec
 
-__all__ = ["WorkerConfig", "WorkerContext", "LocalContext", "run_worker", "load_teacher", "load_student"]
+__all__ = ["WorkerConfig", "WorkerContext", "LocalContext", "run_worker"]
 
 
 @dataclass(frozen=True)
@@ -144,14 +144,14 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train one round on this worker; returns rank 0's summary (state, stop reason, last checkpoint)."""
     spec, device, root = cfg.spec, ctx.device(), Path(cfg.out_dir)
     torch.manual_seed(spec.seed + 7919 * ctx.rank)
-    teacher_den = load_teacher(cfg.teacher, device)
+    models = load_round_models(cfg.teacher, cfg.student, device, spec)
+    teacher_den, module = models.teacher, models.module
     counter = CountingDenoiser(teacher_den)
     if is_conditional(teacher_den):
         counter.conditions = teacher_den.conditions  # type: ignore[attr-defined]
     teacher = IntervalTeacher(counter, cfg.sigmas, spec.max_log_step, spec.teacher_solver,
                               first_max_log_step=spec.first_max_log_step if spec.pool_size is not None else None)
-    student_den, module = load_student(cfg.student, device, dropout=spec.dropout)
-    ema = make_ema(module, decay=spec.ema_decay)
+    ema = make_ema(module, decay=spec.ema_decay, share_frozen=models.lora)
     learned = LearnedSchedule(cfg.start_sigmas or cfg.sigmas).to(device) if spec.trains_schedule else None
     # the sigmas' own EMA, the one evaluated and returned: the pair is (EMA weights, EMA sigmas)
     learned_ema = None if learned is None else make_ema(learned, decay=spec.ema_decay)
@@ -178,8 +178,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, clock, warmup_steps=spec.warmup_steps, lr=spec.lr, lr_final=spec.lr_final,
                                weights_from=lambda: state.weights_from)
     if saved is not None:  # after the scheduler exists: its constructor rewrites the optimizer's lr
-        module.load_state_dict(saved.student)
-        ema.module.load_state_dict(saved.ema)
+        models.restore(ema.module, saved)
         ema.n_averaged.fill_(int(saved.optimizer["ema_updates"]))
         optimizer.load_state_dict(saved.optimizer["optimizer"])
         if learned is not None and learned_ema is not None:
@@ -295,7 +294,8 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
                 metrics["wall_seconds"] = clock.wall_seconds
                 state.history = [*(state.history or []), metrics]
                 folder = ck.write_checkpoint(
-                    root, ema_state=ck.state_dict_cpu(ema.module), student_state=ck.state_dict_cpu(module),
+                    root, ema_state=models.result_state(ema.module), student_state=models.student_state(module),
+                    adapters_state=models.adapters_state(ema.module),
                     optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "ema_updates": int(ema.n_averaged),
                                      **schedule_checkpoint(learned, learned_ema)},
@@ -314,7 +314,7 @@ def run_worker(cfg: WorkerConfig, ctx: WorkerContext) -> dict[str, Any]:
         stopped = f"{stopped}; {kept}"
     return {
         "state": state, "stopped_reason": stopped, "checkpoint": None if last_ckpt is None else str(last_ckpt),
-        "initial": state.initial, "start_weights": None if last_ckpt else ck.state_dict_cpu(ema.module),
+        "initial": state.initial, "start_weights": None if last_ckpt else models.result_state(ema.module),
     }
 
 

@@ -117,6 +117,13 @@ class Phase2Spec(Strict):
         "Phase-2 can train it: DDIM, Euler, iPNDM; docs/phase2.md measures both)"
     )
     dropout: bool = Field(default=False, description="student in train mode (dropout on) while fine-tuning")
+    lora_rank: int | None = Field(default=None, ge=1, description="train LoRA adapters of this rank (peft) instead "
+                                  "of every weight; the teacher is the same network with them off (big models)")
+    lora_alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the rank, scale 1)")
+    lora_targets: list[str] | None = Field(default=None, min_length=1, description="module names that get "
+                                           "adapters (default: the attention projections to_q, to_k, to_v, to_out.0)")
+    gradient_checkpointing: bool = Field(default=False, description="recompute the network's activations in the "
+                                         "backward pass (diffusers networks): less memory, about 30% more time")
     autocast: bool = Field(default=True, description="bfloat16 autocast for the student on CUDA (CPU: cpu_autocast)")
     cpu_autocast: bool = Field(
         default=False, description="bfloat16 autocast for the student's training calls on CPU as well: more steps "

@@ -85,40 +85,36 @@ class PromptGuidance(nn.Module):
         return uncond + self.guidance_scale * (text - uncond)
 
 
-def _unet_network(unet: nn.Module, time_ids: Tensor | None) -> Network:
-    def call(x: Tensor, t: Tensor, text: dict[str, Tensor]) -> Tensor:
-        added = None
-        if time_ids is not None:  # SDXL: pooled text embeds and the size conditions
-            added = {"text_embeds": text["pooled"], "time_ids": time_ids.to(x).expand(x.shape[0], -1)}
-        return unet(x, t, encoder_hidden_states=text["embeds"], added_cond_kwargs=added, return_dict=False)[0]
-
-    return call
+# The calls take the network as an argument, read from the denoiser at each call (never captured in a closure): a
+# deep copy of the denoiser (a Phase-2 student) then calls its own copy of the network.
 
 
-def _sd3_network(transformer: nn.Module) -> Network:
-    def call(x: Tensor, t: Tensor, text: dict[str, Tensor]) -> Tensor:
-        return transformer(hidden_states=x, timestep=t, encoder_hidden_states=text["embeds"],
-                           pooled_projections=text["pooled"], return_dict=False)[0]
+def _unet_call(unet: nn.Module, time_ids: Tensor | None, x: Tensor, t: Tensor, text: dict[str, Tensor]) -> Tensor:
+    added = None
+    if time_ids is not None:  # SDXL: pooled text embeds and the size conditions
+        added = {"text_embeds": text["pooled"], "time_ids": time_ids.to(x).expand(x.shape[0], -1)}
+    return unet(x, t, encoder_hidden_states=text["embeds"], added_cond_kwargs=added, return_dict=False)[0]
 
-    return call
+
+def _sd3_call(transformer: nn.Module, x: Tensor, t: Tensor, text: dict[str, Tensor]) -> Tensor:
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=text["embeds"],
+                       pooled_projections=text["pooled"], return_dict=False)[0]
 
 
-def _flux_network(transformer: nn.Module, guidance: float | None) -> Network:
+def _flux_call(transformer: nn.Module, guidance: float | None, x: Tensor, t: Tensor, text: dict[str, Tensor]
+               ) -> Tensor:
     """Flux packs (C, h, w) latents into (h/2 * w/2) tokens of 4C channels; the pipeline's own static helpers pack
     and index them, and the velocity is unpacked back, so the rest of the tool sees ordinary latents."""
     from diffusers import FluxPipeline
 
-    def call(x: Tensor, t: Tensor, text: dict[str, Tensor]) -> Tensor:
-        b, c, h, w = x.shape
-        packed = FluxPipeline._pack_latents(x, b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
-        g = None if guidance is None else torch.full((b,), guidance, device=x.device, dtype=torch.float32)
-        v = transformer(hidden_states=packed, timestep=t / 1000, guidance=g, pooled_projections=text["pooled"],
-                        encoder_hidden_states=text["embeds"], txt_ids=text["text_ids"], img_ids=img_ids,
-                        return_dict=False)[0]
-        return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-    return call
+    b, c, h, w = x.shape
+    packed = FluxPipeline._pack_latents(x, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    g = None if guidance is None else torch.full((b,), guidance, device=x.device, dtype=torch.float32)
+    v = transformer(hidden_states=packed, timestep=t / 1000, guidance=g, pooled_projections=text["pooled"],
+                    encoder_hidden_states=text["embeds"], txt_ids=text["text_ids"], img_ids=img_ids,
+                    return_dict=False)[0]
+    return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 class GuidedUNetDenoiser(DiffusersUNetDenoiser):
@@ -136,12 +132,12 @@ class GuidedUNetDenoiser(DiffusersUNetDenoiser):
         self.split_conditions = True
         sdxl = folder.denoiser_config.get("addition_embed_type") == "text_time"
         time_ids = torch.tensor([[*pixels, 0, 0, *pixels]], dtype=torch.float32) if sdxl else None
-        self._call = _unet_network(unet, time_ids)
+        self.register_buffer("time_ids", time_ids, persistent=False)
 
     def network_output(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         if cond is None:
             raise ValueError(f"{self.name} is a text-to-image model: its calls need prompt indices")
-        return self.guidance(self._call, x_t, t, cond)
+        return self.guidance(lambda x, s, text: _unet_call(self.unet, self.time_ids, x, s, text), x_t, t, cond)
 
 
 class GuidedFlowDenoiser(FlowMatchDenoiser):
@@ -157,15 +153,16 @@ class GuidedFlowDenoiser(FlowMatchDenoiser):
         self.guidance = guidance
         self.conditions = prompts
         self.split_conditions = True
-        if folder.architecture == "flux":
-            self._call = _flux_network(transformer, guidance.guidance_scale if folder.guidance_embedded else None)
-        else:
-            self._call = _sd3_network(transformer)
+        self.flux = folder.architecture == "flux"
+        self.embedded_guidance = guidance.guidance_scale if folder.guidance_embedded else None
 
     def velocity(self, x_t: Tensor, t_model: Tensor, cond: Tensor | None) -> Tensor:
         if cond is None:
             raise ValueError(f"{self.name} is a text-to-image model: its calls need prompt indices")
-        return self.guidance(self._call, x_t, t_model, cond)
+        if self.flux:
+            return self.guidance(lambda x, t, text: _flux_call(self.model, self.embedded_guidance, x, t, text),
+                                 x_t, t_model, cond)
+        return self.guidance(lambda x, t, text: _sd3_call(self.model, x, t, text), x_t, t_model, cond)
 
 
 def _load_network(folder: PipelineFolder, *, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
