@@ -1,7 +1,8 @@
 """The run's pictures: a sample grid (same noise for every pair) and two plots, written into the run folder.
 
 * `samples.png`: for image models, one labelled row per pair: the untouched model with its best heuristic, with
-  the Phase-1 schedule, and each round's (schedule, fine-tuned model), all from the same seeded noise;
+  the Phase-1 schedule, and each round's (schedule, fine-tuned model), all from the same seeded noise; a
+  text-to-image pipeline's latents are decoded by its own VAE, each column captioned with its prompt;
 * `plots/test_error.png`: test E of each pair;
 * `plots/schedules.png`: every pair's schedule on a log-sigma axis.
 Matplotlib draws the plots (Agg backend, no display needed).
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep_search.candidate import Candidate
+from fewstep_search.denoiser import advertised
 from fewstep_search.pictures import save_sample_grid
 from fewstep_search.quality import sample
 from fewstep_search.resolve import model_source
@@ -86,13 +88,22 @@ def write_run_figures(rundir: RunDir, results: Mapping[str, Any], config: StudyC
     base = model_source(config, study_path=study_path, run_folder=rundir.path)
     teacher = base.load()
     shape = tuple(getattr(teacher, "shape", None) or config.model.shape or ())
-    if len(shape) != 3 or shape[0] not in (1, 3):
+    root = advertised(teacher, "pipeline_root")  # a text-to-image pipeline: its VAE decodes the latents
+    if root is None and (len(shape) != 3 or shape[0] not in (1, 3)):
         return written  # not an image model: no sample grid
+    prompts = list(getattr(teacher, "conditions", ()) or ())
+    n = min(_GRID_SAMPLES, max(4, len(prompts))) if root is not None else _GRID_SAMPLES
+    decode = None
+    if root is not None:
+        from fewstep_search.models.t2i.decode import vae_decoder
+
+        decode = vae_decoder(root, device=config.device)
     rows = {}
     for label, row, checkpoint in pairs:
         den = teacher if checkpoint is None else base.with_checkpoint(checkpoint).load(cache=False)
         sched = Candidate.from_row(row).schedule
-        rows[label] = sample(den, sched, n=_GRID_SAMPLES, shape=shape, seed=0, solver=sched.solver,
-                             device=config.device)
-    written.append(save_sample_grid(rundir.path / "samples.png", rows))
+        images = sample(den, sched, n=n, shape=shape, seed=0, solver=sched.solver, device=config.device)
+        rows[label] = images if decode is None else decode(images)
+    captions = [str(prompts[i % len(prompts)]) for i in range(n)] if prompts else None
+    written.append(save_sample_grid(rundir.path / "samples.png", rows, column_labels=captions))
     return written

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fewstep_search.denoiser import Denoiser, bind_condition, is_conditional
-from fewstep_search.schedules import Schedule
+from fewstep_search.schedules import Schedule, prior_scale
 from fewstep_search.solvers import get_solver, sampling_sigmas
 
 __all__ = ["has_quality_metric", "sample", "sample_quality_of", "QUALITY_SAMPLES"]
@@ -28,9 +28,11 @@ def has_quality_metric(denoiser: object) -> bool:
 
 def sample(denoiser: Denoiser, schedule: Schedule, *, n: int, shape: tuple[int, ...], seed: int = 0,
            solver: str = "ddim", batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
-    """n samples from seeded noise at sigma_max, solved with `schedule` (its last step into 0, as exported)."""
+    """n samples from seeded noise, started from the family's prior as every solve is (`solvers.sample`), solved
+    with `schedule` (its last step into 0, as exported); in float32, batched, for pictures and sample quality."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, *shape), generator=gen, dtype=torch.float64, device="cpu") * schedule.sigma_max
+    scale = prior_scale(schedule.family, schedule.sigma_max)
+    x = torch.randn((n, *shape), generator=gen, dtype=torch.float64, device="cpu") * scale
     solve = get_solver(solver)
     sigmas = sampling_sigmas(schedule.tensor(device=device))
     out = []

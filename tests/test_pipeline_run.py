@@ -75,6 +75,7 @@ def test_the_issue_study_runs_exports_and_samples_in_the_pipeline(save, tmp_path
     assert f"--format diffusers-folder --out {out}/diffusers" in printed
     assert main(["export", str(out), "--format", "diffusers-folder", "--out", str(tmp_path / "export")]) == 0
     assert "guidance_scale=5" in capsys.readouterr().out
+    assert (out / "samples.png").is_file()  # latents decoded by the VAE, columns captioned with their prompts
 
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "export", local_files_only=True)
     network = getattr(pipe, "unet", None) or pipe.transformer

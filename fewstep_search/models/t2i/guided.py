@@ -130,6 +130,7 @@ class GuidedUNetDenoiser(DiffusersUNetDenoiser):
         self.conditions = prompts
         self.shape = shape
         self.split_conditions = True
+        self.pipeline_root = str(folder.root)
         sdxl = folder.denoiser_config.get("addition_embed_type") == "text_time"
         time_ids = torch.tensor([[*pixels, 0, 0, *pixels]], dtype=torch.float32) if sdxl else None
         self.register_buffer("time_ids", time_ids, persistent=False)
@@ -153,6 +154,7 @@ class GuidedFlowDenoiser(FlowMatchDenoiser):
         self.guidance = guidance
         self.conditions = prompts
         self.split_conditions = True
+        self.pipeline_root = str(folder.root)
         self.flux = folder.architecture == "flux"
         self.embedded_guidance = guidance.guidance_scale if folder.guidance_embedded else None
 
