@@ -76,3 +76,33 @@ def test_the_rounds_adapters_load_in_the_pipeline_as_its_merged_weights(lora_run
         base = DiffusionPipeline.from_pretrained(lora_run / "pipeline").unet(x, t, encoder_hidden_states=text).sample
     assert torch.allclose(lora, merged, atol=1e-5 * float(merged.abs().max()))
     assert not torch.allclose(lora, base, atol=1e-6)
+
+
+def test_a_lora_checkpoint_resumes_the_adapters_and_its_merged_weights_are_the_student(lora_run: Path) -> None:
+    from fewstep_search.phase2.checkpoints import Checkpoint, TrainState
+    from fewstep_search.phase2.optim import make_ema
+
+    base = _load(RunDir(lora_run / "run").recorded_config()["model"], None, lora_run / "run")
+    source, spec, cpu = ModelSource(denoiser=base), Phase2Spec(lora_rank=2, max_steps=1), torch.device("cpu")
+    first = load_round_models(source, source, cpu, spec)
+    ema = make_ema(first.module, decay=0.9, share_frozen=True)
+    shared = {p.data_ptr() for p in first.module.parameters() if not p.requires_grad}
+    assert shared <= {p.data_ptr() for p in ema.module.parameters()}  # the EMA holds no second base
+    with torch.no_grad():
+        for module in (first.module, ema.module):
+            for name, p in module.named_parameters():
+                if ".lora_" in name:
+                    p.normal_(std=0.1)
+    saved = Checkpoint(ema=first.result_state(ema.module), student=first.student_state(first.module), optimizer={},
+                       state=TrainState(history=[]), pool=None, adapters=first.adapters_state(ema.module))
+    assert all(".lora_" in k for k in saved.student) and not any(".lora_" in k for k in saved.ema)
+    second = load_round_models(source, source, cpu, spec)
+    ema2 = make_ema(second.module, decay=0.9, share_frozen=True)
+    second.restore(ema2.module, saved)
+    x, sigma, cond = torch.randn(2, 4, 8, 8) * 3, torch.tensor([3.0, 0.3]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.allclose(second.student(x, sigma, cond), first.student(x, sigma, cond), atol=1e-6)
+        assert torch.allclose(ema2.module(x, sigma, cond), ema.module(x, sigma, cond), atol=1e-6)
+        merged = _load(RunDir(lora_run / "run").recorded_config()["model"], None, lora_run / "run")
+        merged.inner.load_state_dict(saved.ema)  # the result format: the base model's own keys
+        assert torch.allclose(merged(x, sigma, cond), ema.module(x, sigma, cond), atol=1e-4)
