@@ -168,6 +168,11 @@ class IsoMixture(nn.Module):
         return (a * flat + (1 - a) * (resp @ mu)).reshape(x.shape)
 
 
+def iso_mixture(*, d: int = 16384, device: str = "cpu") -> IsoMixture:
+    """Factory for study files (`benchmarks/commands.py`): the IsoMixture of a table's d, on `device`."""
+    return IsoMixture(SHAPES[int(d)]).to(device)
+
+
 class MLPDenoiser(nn.Module):
     """A fixed random residual MLP with EDM preconditioning: a model whose evaluation dominates the build."""
 
