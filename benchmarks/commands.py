@@ -5,11 +5,12 @@ command itself: the peak PSS of its whole process tree (the CLI, Ray's own proce
 counted once, from /proc/<pid>/smaps_rollup every 0.2 s, `scale.tree_pss`) and its wall time, from a fresh run
 folder. Cases:
 
-| case | model | what it shows |
-|---|---|---|
-| `tiny-sd15`, `tiny-sd3` | the tests' tiny pipeline folders (16 x 16 pixels), 6 prompts, guidance 5 | the pipeline path's fixed cost (Ray, diffusers, transformers) |
-| `sd15-unet` | SD1.5's UNet at full size (860 M parameters, random weights) at 64 x 64 latents, a tiny text encoder and VAE | a real architecture's footprint through the same path |
-| `iso16384` | `scale.IsoMixture` at d = 16384 (4 x 64 x 64), K = 1024, M = 256, `project_dim` 256, float16 storage | the bank and search of an SD-class latent at the target size |
+* `tiny-sd15`, `tiny-sd3`: the tests' tiny pipeline folders (16 x 16 pixels), 6 prompts, guidance 5: the
+  pipeline path's fixed cost (Ray, diffusers, transformers);
+* `sd15-unet`: SD1.5's UNet at full size (860 M parameters, random weights) at 64 x 64 latents, with a one-layer
+  text encoder and a small VAE: a real architecture's footprint through the same path;
+* `iso16384`: `scale.IsoMixture` at d = 16384 (4 x 64 x 64), K = 1024, M = 256, `project_dim` 256, float16
+  storage: the bank and search of an SD-class latent at the target size.
 
 Usage:
     python benchmarks/commands.py --cases tiny-sd15 tiny-sd3 --command search

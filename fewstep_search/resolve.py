@@ -92,7 +92,7 @@ def model_source(config: StudyConfig, *, study_path: Path | None, run_folder: Pa
         p = config.prompts
         options = pipeline_options(
             folder, options, prompts_file=p.file, guidance_scale=p.guidance_scale, negative_prompt=p.negative_prompt,
-            cache=None if run_folder is None else run_folder / PROMPT_EMBEDDINGS_FILE, device=config.device,
+            cache=None if run_folder is None else run_folder.resolve() / PROMPT_EMBEDDINGS_FILE, device=config.device,
             note=note)
     return ModelSource(kind=spec.kind, path=spec.path, factory=spec.factory, options=options,
                        device=config.device, base_dir=str(study_path.parent.resolve()) if study_path else None)

@@ -1,4 +1,4 @@
-"""The study file of the pipelines issue, as written, on tiny SD1.5- and SD3-style folders: `run`, `export
+"""The text-to-image study file of docs/models.md on tiny SD1.5-, SDXL- and SD3-style folders: `run`, `export
 --format diffusers-folder`, and the exported pipeline called with a prompt and guidance makes N denoiser calls and
 gives the tool's own sample of that prompt."""
 
@@ -20,9 +20,9 @@ from fewstep_search.rundir import RunDir  # noqa: E402
 from fewstep_search.solvers import sample  # noqa: E402
 
 try:
-    from fixtures_pipelines import save_sd3, save_sd15
+    from fixtures_pipelines import save_sd3, save_sd15, save_sdxl
 except ImportError:  # pragma: no cover
-    from tests.fixtures_pipelines import save_sd3, save_sd15
+    from tests.fixtures_pipelines import save_sd3, save_sd15, save_sdxl
 
 STUDY = """
 nfe = 4
@@ -63,7 +63,7 @@ end_to_end_teacher_steps = 4
 """
 
 
-@pytest.mark.parametrize("save", [save_sd15, save_sd3], ids=["sd15", "sd3"])
+@pytest.mark.parametrize("save", [save_sd15, save_sdxl, save_sd3], ids=["sd15", "sdxl", "sd3"])
 def test_the_issue_study_runs_exports_and_samples_in_the_pipeline(save, tmp_path: Path, capsys) -> None:
     folder = save(tmp_path / "pipeline")
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\ntwo green dots\na yellow star\n")
@@ -83,8 +83,9 @@ def test_the_issue_study_runs_exports_and_samples_in_the_pipeline(save, tmp_path
     network.register_forward_hook(lambda module, args, output: calls.append(1))
     torch.manual_seed(3)
     noise = torch.randn(1, 4, 8, 8)
-    images = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0, height=16, width=16, latents=noise,
-                  output_type="latent").images
+    # the study's negative prompt: SDXL's own default without one is a zero embedding, another ODE
+    images = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0, negative_prompt="", height=16, width=16,
+                  latents=noise, output_type="latent").images
     assert len(calls) == 4  # one batched (negative, prompt) call per step
 
     run = RunDir(out)

@@ -252,8 +252,10 @@ def _folder(args: argparse.Namespace, pair: Any, config: dict[str, Any], base_di
 
     guidance = advertised(den, "guidance")
     if guidance is not None:
-        print(f"searched for guidance_scale={guidance.guidance_scale:g}: call the pipeline with it and "
-              f"num_inference_steps={pair.schedule.nfe}")
+        negative = (config.get("prompts") or {}).get("negative_prompt")
+        also = "" if negative is None else f", negative_prompt={negative!r}"
+        print(f"searched for guidance_scale={guidance.guidance_scale:g}{also}: call the pipeline with "
+              f"num_inference_steps={pair.schedule.nfe} and these")
     return None
 
 
