@@ -8,7 +8,9 @@ saved with `save_pretrained`, exactly as a user's local copy is laid out, and sa
 
 from __future__ import annotations
 
+import json
 import string
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +28,34 @@ def _perturb(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     return module.eval()
 
 
+CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
+
+
 def clip_tokenizer() -> Any:
-    """A CLIP BPE tokenizer over single characters (no merges): every lower-case word is a token sequence."""
+    """A CLIP BPE tokenizer over single characters (no merges): every lower-case word is a token sequence. Built
+    from files written here (vocab.json, merges.txt), which every transformers version reads."""
     from transformers import CLIPTokenizer
 
     specials = ["<|startoftext|>", "<|endoftext|>"]
-    chars = list(string.ascii_lowercase + string.digits + ".,!?'-")
-    vocab = {tok: i for i, tok in enumerate(specials + chars + [c + "</w>" for c in chars])}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_TOKENS)
+    vocab = {tok: i for i, tok in enumerate(specials + list(CHARS) + [c + "</w>" for c in CHARS])}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"), model_max_length=MAX_TOKENS)
 
 
 def t5_tokenizer() -> Any:
-    """A T5 unigram tokenizer over single characters."""
-    from transformers import T5Tokenizer
+    """A T5 unigram tokenizer over single characters, from a tokenizer.json written here with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
 
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + ".,!?'-"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_TOKENS)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in CHARS]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(str(Path(d) / "tokenizer.json"))
+        return T5TokenizerFast(tokenizer_file=str(Path(d) / "tokenizer.json"), extra_ids=0, pad_token="<pad>",
+                               eos_token="</s>", unk_token="<unk>", model_max_length=MAX_TOKENS)
 
 
 def _clip_config(hidden: int, projection: int | None = None) -> Any:

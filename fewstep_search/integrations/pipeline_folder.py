@@ -158,7 +158,8 @@ def export_lora_folder(denoiser: object, base_folder: str | os.PathLike[str], ad
               if key.startswith(prefix)}
     if not layers:
         raise ValueError(f"{adapters} holds no adapters of the {type(network).__name__}")
-    targets = sorted({key.split(".lora_")[0].split(".")[-1] for key in layers})
-    metadata = {"r": int(rank), "lora_alpha": float(alpha if alpha is not None else rank), "target_modules": targets}
+    targets = sorted({key.split(".lora_")[0] for key in layers})  # full module paths: peft matches them exactly
+    metadata = {"r": int(rank), "lora_alpha": float(alpha if alpha is not None else rank), "target_modules": targets,
+                "rank_pattern": {}, "alpha_pattern": {}}  # a whole LoraConfig's keys: diffusers 0.34 reads them all
     save = {f"{slot}_lora_layers": layers, f"{slot}_lora_adapter_metadata": metadata}
     return _write_folder(out, lambda tmp: pipeline_cls.save_lora_weights(tmp, **save))

@@ -87,9 +87,12 @@ def _load_text_pipeline(folder: PipelineFolder, device: str | torch.device):
     try:
         pipe = DiffusionPipeline.from_pretrained(folder.root, local_files_only=True,
                                                  **{folder.denoiser_slot: None, "vae": None})
-    except Exception as e:  # diffusers / transformers raise many types; keep the cause chained
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load the text encoders of {folder.root}: {reason}") from e
+    except Exception:  # older diffusers' pipelines need every component at construction: load them all, once
+        try:
+            pipe = DiffusionPipeline.from_pretrained(folder.root, local_files_only=True)
+        except Exception as e:  # diffusers / transformers raise many types; keep the cause chained
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"could not load the text encoders of {folder.root}: {reason}") from e
     return pipe.to(device)
 
 
