@@ -134,3 +134,16 @@ def test_cost_accumulated_in_chunks_is_the_full_mean(bank: Bank, model: Gaussian
         chunked = gits_bank_cost(b, denoiser=den, metric=metric, batch_size=7)  # type: ignore[arg-type]
         assert torch.equal(torch.isfinite(chunked), upper)
         assert torch.allclose(chunked[upper], full[upper], rtol=1e-9, atol=1e-12)
+
+
+def test_the_trajectory_batch_keeps_gits_memory_bounded_at_latent_sizes() -> None:
+    """Four [batch, M, d] float64 tensors at d = 16384, M = 256 are 512 MiB a trajectory: one a batch, not 64."""
+    from types import SimpleNamespace
+
+    from fewstep_search.phase1.peers.gits import GITS_BATCH_BYTES, gits_batch
+
+    latent = SimpleNamespace(grid=torch.zeros(256), x_start=torch.zeros(2, 4, 64, 64))
+    small = SimpleNamespace(grid=torch.zeros(64), x_start=torch.zeros(2, 16))
+    assert gits_batch(latent) == 1 and gits_batch(small) == 64
+    mid = SimpleNamespace(grid=torch.zeros(128), x_start=torch.zeros(2, 3, 32, 32))
+    assert 4 * gits_batch(mid) * 128 * 3 * 32 * 32 * 8 <= GITS_BATCH_BYTES

@@ -155,12 +155,26 @@ def gits_path_cost(cost: Tensor | np.ndarray, indices: np.ndarray | list[int], *
     return float(sum(coeff**n * c[idx[n], idx[n + 1]] for n in range(idx.size - 1)))
 
 
+GITS_BATCH_BYTES = 512 * 2**20
+"""What one batch of teacher trajectories may take: its states, outputs, one row of jumps and their differences
+(four [batch, M, d] float64 tensors). At d = 16384 and M = 256 that is one trajectory a batch; a batch of 64 took
+8.6 GiB there."""
+
+
+def gits_batch(bank: Bank) -> int:
+    """Trajectories per batch for the cost: 64, or fewer where four [batch, M, d] float64 tensors pass
+    `GITS_BATCH_BYTES`."""
+    per_trajectory = 4 * bank.grid.numel() * bank.x_start[0].numel() * 8
+    return max(1, min(64, GITS_BATCH_BYTES // per_trajectory))
+
+
 def gits_bank_cost(bank: Bank, *, denoiser: Denoiser | None = None, metric: Metric = "l2",
-                   max_trajectories: int | None = None, batch_size: int = 64) -> Tensor:
+                   max_trajectories: int | None = None, batch_size: int | None = None) -> Tensor:
     """The GITS cost matrix of the bank's first `max_trajectories` teacher trajectories, accumulated `batch_size`
-    trajectories at a time (it is a mean over trajectories), so memory stays O(batch_size M d) even where the
-    teacher is re-solved."""
+    trajectories at a time (it is a mean over trajectories; default `gits_batch`), so memory stays
+    O(batch_size M d) even where the teacher is re-solved."""
     k = bank.n_trajectories if max_trajectories is None else min(bank.n_trajectories, int(max_trajectories))
+    batch_size = gits_batch(bank) if batch_size is None else batch_size
     if k < 1 or batch_size < 1:
         raise ValueError("GITS needs at least one teacher trajectory and batch_size >= 1")
     total: Tensor | None = None
@@ -174,7 +188,8 @@ def gits_bank_cost(bank: Bank, *, denoiser: Denoiser | None = None, metric: Metr
 
 
 def gits_schedule(bank: Bank, nfe: int, *, denoiser: Denoiser | None = None, coeff: float = GITS_COEFF,
-                  metric: Metric = "l2", max_trajectories: int | None = None, batch_size: int = 64) -> Schedule:
+                  metric: Metric = "l2", max_trajectories: int | None = None, batch_size: int | None = None
+                  ) -> Schedule:
     """The GITS schedule of `nfe` steps on the bank grid, from the bank's (fit) teacher trajectories.
 
     Example:
