@@ -137,13 +137,13 @@ def test_cost_accumulated_in_chunks_is_the_full_mean(bank: Bank, model: Gaussian
 
 
 def test_the_trajectory_batch_keeps_gits_memory_bounded_at_latent_sizes() -> None:
-    """Four [batch, M, d] float64 tensors at d = 16384, M = 256 are 512 MiB a trajectory: one a batch, not 64."""
+    """Four [batch, M, d] float64 tensors at d = 16384, M = 256 are 128 MiB a trajectory: four a batch, not 64."""
     from types import SimpleNamespace
 
     from fewstep_search.phase1.peers.gits import GITS_BATCH_BYTES, gits_batch
 
     latent = SimpleNamespace(grid=torch.zeros(256), x_start=torch.zeros(2, 4, 64, 64))
     small = SimpleNamespace(grid=torch.zeros(64), x_start=torch.zeros(2, 16))
-    assert gits_batch(latent) == 1 and gits_batch(small) == 64
+    assert gits_batch(latent) == 4 and gits_batch(small) == 64
     mid = SimpleNamespace(grid=torch.zeros(128), x_start=torch.zeros(2, 3, 32, 32))
     assert 4 * gits_batch(mid) * 128 * 3 * 32 * 32 * 8 <= GITS_BATCH_BYTES

@@ -157,8 +157,8 @@ def gits_path_cost(cost: Tensor | np.ndarray, indices: np.ndarray | list[int], *
 
 GITS_BATCH_BYTES = 512 * 2**20
 """What one batch of teacher trajectories may take: its states, outputs, one row of jumps and their differences
-(four [batch, M, d] float64 tensors). At d = 16384 and M = 256 that is one trajectory a batch; a batch of 64 took
-8.6 GiB there."""
+(four [batch, M, d] float64 tensors). At d = 16384 and M = 256 that is four trajectories a batch; a batch of 64
+took 8.6 GiB there."""
 
 
 def gits_batch(bank: Bank) -> int:
