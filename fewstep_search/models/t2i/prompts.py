@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def encode_prompts(folder: PipelineFolder, prompts: list[str], *, negative_promp
 
 def cached_prompt_embeddings(cache: str | Path, folder: PipelineFolder, prompts: list[str], *,
                              negative_prompt: str | None, cfg: bool, device: str | torch.device = "cpu",
-                             note: callable | None = None) -> Path:
+                             note: Callable[[str], None] | None = None) -> Path:
     """The safetensors file `cache`, (re)built with `encode_prompts` unless it holds this prompt set's embeddings.
 
     Returns the path; the file's metadata records its key (module docstring) and the prompts themselves."""
