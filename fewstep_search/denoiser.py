@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "advertised",
+    "advertise_like",
     "family_of",
     "Denoiser",
     "ConditionalDenoiser",
@@ -75,7 +76,8 @@ ADVERTISED = ("sigma_min", "sigma_max", "prediction_type", "shape", "conditions"
 """What an adapter may advertise; wrappers pass these through so code downstream sees the model's values."""
 
 
-def _advertise_like(wrapper: object, inner: object) -> None:
+def advertise_like(wrapper: object, inner: object) -> None:
+    """Copy what `inner` advertises (`ADVERTISED`) onto `wrapper`, so code downstream sees the model's values."""
     for attr in ADVERTISED:
         if hasattr(inner, attr):
             setattr(wrapper, attr, getattr(inner, attr))
@@ -111,7 +113,7 @@ class _Bound:
 
     def __init__(self, inner: ConditionalDenoiser, cond: Tensor) -> None:
         self.inner, self.cond = inner, cond
-        _advertise_like(self, inner)
+        advertise_like(self, inner)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         if x.shape[0] != self.cond.shape[0]:
@@ -144,7 +146,7 @@ class CheckedDenoiser:
     def __init__(self, inner: Denoiser, *, name: str | None = None) -> None:
         self.inner = inner
         self.name = name or type(inner).__name__
-        _advertise_like(self, inner)
+        advertise_like(self, inner)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         out = self.inner(x, sigma) if cond is None else self.inner(x, sigma, cond)

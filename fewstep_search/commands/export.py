@@ -109,8 +109,10 @@ def _model_path(model: dict[str, Any], base_dir: Path | None) -> Path | None:
     return base_dir / p if base_dir is not None and not p.is_absolute() else p
 
 
-def _load(model: dict[str, Any], base_dir: Path | None, run_dir: Path | None = None) -> Any:
-    """The run's model; a pipeline's with the prompt set the run embedded (its run folder's cache: no encoder)."""
+def _load(model: dict[str, Any], base_dir: Path | None, run_dir: Path | None = None, *,
+          prompts: dict[str, Any] | None = None) -> Any:
+    """The run's model; a pipeline's with the prompt set the run embedded (its run folder's cache: no encoder) and
+    the run config's `prompts` table (read from the run folder unless given)."""
     from fewstep_search.models import loading
 
     kind = model["kind"]
@@ -121,7 +123,8 @@ def _load(model: dict[str, Any], base_dir: Path | None, run_dir: Path | None = N
         from fewstep_search.rundir import RunDir
 
         cache = run_dir / PROMPT_EMBEDDINGS_FILE
-        prompts = (RunDir(run_dir).recorded_config() or {}).get("prompts") or {}
+        if prompts is None:
+            prompts = (RunDir(run_dir).recorded_config() or {}).get("prompts") or {}
         options.update(conditions=cached_prompts(cache), prompt_embeddings=str(cache),
                        guidance_scale=float(prompts.get("guidance_scale", 1.0)))
     args = dict(path=model.get("path"), factory=model.get("factory"), options=options)
@@ -237,7 +240,7 @@ def _folder(args: argparse.Namespace, pair: Any, config: dict[str, Any], base_di
     path = _model_path(model, base_dir)
     if args.out is None:
         raise ValueError(f"--format {args.format} writes a folder: pass --out DIR")
-    den = _load(model, base_dir, args.run_dir)
+    den = _load(model, base_dir, args.run_dir, prompts=config.get("prompts") or {})
     if args.format == "lora":
         phase2 = config.get("phase2") or {}
         out = export_lora_folder(den, path, adapters_beside(pair.weights), args.out, rank=int(phase2["lora_rank"]),

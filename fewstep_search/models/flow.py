@@ -54,6 +54,7 @@ __all__ = [
     "flow_output_to_x0",
     "find_flow_layout",
     "diffusers_model_class",
+    "read_json_object",
     "load_flow",
     "load_flow_folder",
     "mixture_flow",
@@ -281,9 +282,12 @@ def find_flow_layout(root: Path) -> tuple[Path, Path]:
     )
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in a model folder's file; `ModelLoadError` naming `what` and the file otherwise."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} does not exist ({what})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {what} {path}: {e}") from e
     if not isinstance(data, dict):
@@ -297,7 +301,7 @@ def diffusers_model_class(model_dir: Path) -> type:
         import diffusers
     except ImportError as e:
         raise ModelLoadError("flow-matching folders need diffusers: pip install 'fewstep-search[diffusers]'") from e
-    name = _read_json(model_dir / "config.json", "model config").get("_class_name")
+    name = read_json_object(model_dir / "config.json", "model config").get("_class_name")
     cls = getattr(diffusers, str(name), None) if name else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ModelLoadError(f"{model_dir}/config.json names {name!r}, which is not a diffusers model class")

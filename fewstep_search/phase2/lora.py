@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep_search.denoiser import advertise_like
+
 __all__ = ["DEFAULT_TARGETS", "attach_lora", "AdaptersOff", "adapter_state",
            "merged_state", "load_adapter_state", "enable_gradient_checkpointing"]
 
@@ -93,10 +95,7 @@ class AdaptersOff:
 
     def __init__(self, student: Any, module: nn.Module) -> None:
         self.inner, self._module = student, module
-        for attr in ("sigma_min", "sigma_max", "prediction_type", "shape", "conditions", "family", "vp", "shift",
-                     "scheduler_config", "split_conditions"):
-            if hasattr(student, attr):
-                setattr(self, attr, getattr(student, attr))
+        advertise_like(self, student)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         training = self._module.training

@@ -15,13 +15,13 @@ scheduler of the wrong family) is refused here, in one line, before the network 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fewstep_search.models.diffusers_adapter import read_scheduler_config
 from fewstep_search.models.errors import ModelLoadError
+from fewstep_search.models.flow import read_json_object
 
 __all__ = ["ARCHITECTURES", "PipelineFolder", "read_pipeline_folder"]
 
@@ -30,21 +30,9 @@ ARCHITECTURES = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
 }
-"""Denoiser class -> how the tool calls it (`fewstep_search.models.t2i.networks`)."""
+"""Denoiser class -> how the tool calls it (`fewstep_search.models.t2i.guided`)."""
 _SUPPORTED = "UNet2DConditionModel (SD 1.x / 2.x, SDXL), SD3Transformer2DModel (SD3) and FluxTransformer2DModel (Flux)"
 _DENOISER_SLOTS = ("unet", "transformer")
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path} does not exist ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {what} {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{what} {path} is not a JSON object")
-    return data
 
 
 @dataclass(frozen=True)
@@ -104,7 +92,7 @@ def read_pipeline_folder(path: str | Path) -> PipelineFolder:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ModelLoadError(f"pipeline folder {root} does not exist or is not a folder")
-    index = _read_json(root / "model_index.json", "pipeline index (a pipeline folder saved by diffusers has one)")
+    index = read_json_object(root / "model_index.json", "pipeline index (a pipeline folder saved by diffusers has one)")
     slot = next((s for s in _DENOISER_SLOTS if isinstance(index.get(s), list) and index[s][-1]), None)
     if slot is None:
         raise ModelLoadError(f"{root}/model_index.json names no unet or transformer; kind 'pipeline' drives "
@@ -113,11 +101,11 @@ def read_pipeline_folder(path: str | Path) -> PipelineFolder:
     if cls not in ARCHITECTURES:
         raise ModelLoadError(f"{root}: the {index.get('_class_name', 'pipeline')}'s {slot} is a {cls}; kind 'pipeline' "
                              f"drives {_SUPPORTED}")
-    denoiser_config = _read_json(root / slot / "config.json", f"{slot} config")
+    denoiser_config = read_json_object(root / slot / "config.json", f"{slot} config")
     if denoiser_config.get("time_cond_proj_dim") is not None:
         raise ModelLoadError(f"{root}/{slot}: a UNet with a guidance embedding (time_cond_proj_dim, LCM-style) is "
                              "not driven; its pipeline skips classifier-free guidance")
-    vae = _read_json(root / "vae" / "config.json", "VAE config")
+    vae = read_json_object(root / "vae" / "config.json", "VAE config")
     factor = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler = read_scheduler_config(scheduler_file) if scheduler_file.is_file() else None
