@@ -128,6 +128,7 @@ def _study(folder: Path, *, options: str = "{ height = 16, width = 16 }", prompt
     ("empty", "holds no prompts"),
     ("guidance", "skips the unconditional branch"),
     ("size", "not divisible by 2"),
+    ("no size", "needs options.height"),
     ("class", "drives UNet2DConditionModel"),
     ("no prompts", "needs a [prompts] table"),
 ])
@@ -152,6 +153,7 @@ def test_bad_input_is_one_line_before_any_network_loads(case: str, expect: str, 
         "empty": _study(folder, prompts="empty.txt"),
         "guidance": _study(folder, guidance=0.5),
         "size": _study(folder, options="{ height = 17, width = 16 }"),
+        "no size": _study(folder, options="{ width = 16 }"),
         "class": _study(tmp_path / "wan"),
         "no prompts": f'nfe = 4\n[model]\nkind = "pipeline"\npath = "{folder}"\n',
     }

@@ -146,12 +146,9 @@ def _load_pipeline(req: _Request) -> Denoiser:
     dtype_name = opts.get("dtype", "float32")
     if dtype_name not in _DTYPES:
         raise ValueError(f"model kind 'pipeline': dtype {dtype_name!r} is not one of {', '.join(_DTYPES)}")
-    missing = [k for k in ("height", "width") if k not in opts]
-    if missing:
-        raise ValueError(f"model kind 'pipeline' needs options {missing}: the image size in pixels")
     return load_pipeline_denoiser(
         _required(req.path, "path"), opts["prompt_embeddings"], prompts=list(opts["conditions"]),
-        guidance_scale=float(opts.get("guidance_scale", 1.0)), height=opts["height"], width=opts["width"],
+        guidance_scale=float(opts.get("guidance_scale", 1.0)), height=opts.get("height"), width=opts.get("width"),
         device=req.device, dtype=_DTYPES[dtype_name], timestep_mode=opts.get("timestep_mode", "interpolate"))
 
 

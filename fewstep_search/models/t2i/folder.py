@@ -71,12 +71,16 @@ class PipelineFolder:
         channels = int(self.denoiser_config.get("in_channels", 4))
         return channels // 4 if self.architecture == "flux" else channels
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of the latents for an image of height x width pixels; one line when the size does not fit."""
+    def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for an image of height x width pixels; one line when the size is missing or
+        does not fit."""
         f = self.vae_scale_factor
         multiple = {"unet": f, "sd3": f * int(self.denoiser_config.get("patch_size", 1)), "flux": 2 * f}
         m = multiple[self.architecture]
         for what, size in (("height", height), ("width", width)):
+            if size is None:
+                raise ModelLoadError(f"model kind 'pipeline' needs options.{what}, the image {what} in pixels "
+                                     "(e.g. options = { height = 512, width = 512 })")
             if not isinstance(size, int) or size <= 0:
                 raise ModelLoadError(f"options.{what} must be a positive number of pixels, got {size!r}")
             if size % m:

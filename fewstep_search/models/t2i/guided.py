@@ -181,7 +181,8 @@ def _load_network(folder: PipelineFolder, *, device: str | torch.device, dtype: 
 
 
 def load_pipeline_denoiser(path: str | Path, embeddings: str | Path | PromptEmbeddings, *, prompts: list[str],
-                           guidance_scale: float, height: int, width: int, device: str | torch.device = "cpu",
+                           guidance_scale: float, height: int | None, width: int | None,
+                           device: str | torch.device = "cpu",
                            dtype: torch.dtype = torch.float32, timestep_mode: str = "interpolate") -> nn.Module:
     """The guided denoiser of a local pipeline folder for a prompt set already embedded (`cached_prompt_embeddings`).
 

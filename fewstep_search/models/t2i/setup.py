@@ -35,11 +35,7 @@ def pipeline_options(path: str | Path, options: Mapping[str, Any], *, prompts_fi
     `cache` is the embeddings file (a run folder's `PROMPT_EMBEDDINGS_FILE`); None uses `default_prompt_cache`.
     """
     folder = read_pipeline_folder(path)
-    missing = [k for k in ("height", "width") if k not in options]
-    if missing:
-        raise ValueError(f"model kind 'pipeline' needs options {missing}: the image size in pixels, e.g. "
-                         "options = { height = 512, width = 512 }")
-    folder.latent_shape(options["height"], options["width"])
+    folder.latent_shape(options.get("height"), options.get("width"))
     check_guidance(folder, guidance_scale)
     if negative_prompt is not None and not folder.uses_classifier_free_guidance:
         raise ValueError(f"prompts.negative_prompt: a {folder.denoiser_class} pipeline runs no unconditional branch; "
