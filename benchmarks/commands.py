@@ -76,6 +76,20 @@ def _sd15_unet_folder(folder: Path) -> Path:
     return folder
 
 
+def sd15_call() -> None:
+    """Build SD1.5's UNet (random weights, float32) and make one guided call at 64 x 64 latents (batch 2: the
+    negative prompt and the prompt), as the tool's denoiser does; prints the call's seconds."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
+    x, text = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        unet(x, torch.tensor([500.0, 500.0]), encoder_hidden_states=text)
+    print(json.dumps({"call_seconds": round(time.perf_counter() - t0, 1)}))
+
+
 def make_case(name: str, root: Path) -> Path:
     """Write the case's study (and its model folder) under `root`; returns the study file."""
     root.mkdir(parents=True, exist_ok=True)
@@ -109,7 +123,7 @@ def make_case(name: str, root: Path) -> Path:
 def measure(argv: list[str], *, timeout: float, interval: float = 0.2) -> dict[str, Any]:
     """Run `argv`; its wall time, exit code and the peak PSS of its process tree."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, stop = [0], threading.Event()
 
     def sample() -> None:
@@ -120,17 +134,18 @@ def measure(argv: list[str], *, timeout: float, interval: float = 0.2) -> dict[s
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        _, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
         code: int | str = proc.returncode
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        out, err = proc.communicate()
         code = f"stopped after {timeout:.0f} s"
     stop.set()
     thread.join()
     tail = (err or "").strip().splitlines()[-1:] if code != 0 else []
+    reported = [json.loads(line) for line in (out or "").splitlines() if line.startswith("{")]
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_gib": round(peak[0] / 2**30, 2), "exit": code,
-            "error": tail[0] if tail else None}
+            "error": tail[0] if tail else None, **(reported[-1] if reported else {})}
 
 
 DENOISERS = (  # (model, denoiser parameters in billions, the text encoders the driver loads once, in billions)
@@ -165,7 +180,10 @@ def extrapolation(bytes_per_weight: int = 2) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| case | command | wall time (s) | peak PSS of the process tree (GiB) | exit |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | `{r['command']}` | {r['seconds']} | {r['peak_gib']} | {r['exit']} |")
+        what = f"`{r['command']}`" if r["command"].startswith("fewstep-search") else r["command"]
+        if "call_seconds" in r:
+            what += f" (the call: {r['call_seconds']} s)"
+        lines.append(f"| {r['case']} | {what} | {r['seconds']} | {r['peak_gib']} | {r['exit']} |")
     return "\n".join(lines)
 
 
@@ -176,10 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", type=Path, default=Path("runs/commands"))
     p.add_argument("--doc", type=Path, default=HERE.parent / "docs" / "scale.md")
+    p.add_argument("--sd15-call", action="store_true", help="measure one guided call of SD1.5's full-size UNet "
+                   "(its load and one step: what every stage pays per call) instead of a command")
+    p.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.in_child:
+        sd15_call()
+        return 0
     results_file = args.out / "commands.json"
     rows = json.loads(results_file.read_text()) if results_file.is_file() else []
     cli = shutil.which("fewstep-search") or str(Path(sys.executable).with_name("fewstep-search"))
+    if args.sd15_call:
+        row = {"case": "sd15-unet", "command": "one guided call (batch 2, 64 x 64 latents), the UNet built",
+               **measure([sys.executable, str(Path(__file__).resolve()), "--in-child"], timeout=args.timeout),
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+        print(json.dumps(row), flush=True)
+        rows = [r for r in rows if (r["case"], r["command"]) != (row["case"], row["command"])] + [row]
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(rows, indent=2))
+        args.cases = []
     for case in args.cases:
         study = make_case(case, args.out / case)
         run_dir = args.out / case / f"{args.command}-run"
