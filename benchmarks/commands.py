@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if (r["case"], r["command"]) != (row["case"], row["command"])] + [row]
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(rows, indent=2))
-    cases = " ".join(r["case"] for r in rows)
-    replace_block(args.doc, "commands", f"By `python benchmarks/commands.py --cases {cases}` ({rows[-1]['machine']}, "
-                  f"sharing the cores with other work).\n\n{table(rows)}")
+    replace_block(args.doc, "commands", f"By `python benchmarks/commands.py --cases CASE --command search|run` a row "
+                  f"(`--sd15-call` for the single call; {rows[-1]['machine']}, sharing the cores with other work)."
+                  f"\n\n{table(rows)}")
     replace_block(args.doc, "extrapolation", extrapolation())
     return 0
 
