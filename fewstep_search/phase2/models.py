@@ -50,12 +50,18 @@ def load_teacher(source: ModelSource, device: torch.device) -> Any:
     return den
 
 
-def load_student(source: ModelSource, device: torch.device, *, dropout: bool) -> tuple[Any, nn.Module]:
-    """A private trainable copy of the student: (denoiser, the module whose state dict is the result)."""
-    den = copy.deepcopy(source.on(str(device)).load())
+def _module_of(den: Any, source: ModelSource) -> nn.Module:
+    """The module Phase-2 trains (`trainable_module`); ValueError naming the model when it has none."""
     module = trainable_module(den)
     if module is None:
         raise ValueError(f"model {source.model_id} has no trainable torch.nn.Module: Phase-2 cannot fine-tune it")
+    return module
+
+
+def load_student(source: ModelSource, device: torch.device, *, dropout: bool) -> tuple[Any, nn.Module]:
+    """A private trainable copy of the student: (denoiser, the module whose state dict is the result)."""
+    den = copy.deepcopy(source.on(str(device)).load())
+    module = _module_of(den, source)
     module.to(device)
     for p in module.parameters():
         if p.is_floating_point():
@@ -102,17 +108,15 @@ def load_round_models(teacher: ModelSource, student: ModelSource, device: torch.
     and whose base, with the adapters off, is the teacher (a fresh adapter on the teacher's weights each round)."""
     if spec.lora_rank is None:
         student_den, module = load_student(student, device, dropout=spec.dropout)
-        if spec.gradient_checkpointing:
-            enable_gradient_checkpointing(module)
-        return RoundModels(load_teacher(teacher, device), student_den, module)
-    den = teacher.on(str(device)).load(cache=False)  # loaded afresh from a spec: this process's own object
-    den = copy.deepcopy(den) if teacher.denoiser is not None else _move(den, device)  # never a caller's model
-    module = trainable_module(den)
-    if module is None:
-        raise ValueError(f"model {teacher.model_id} has no trainable torch.nn.Module: Phase-2 cannot fine-tune it")
-    attach_lora(module, rank=spec.lora_rank, alpha=spec.lora_alpha,
-                targets=tuple(spec.lora_targets) if spec.lora_targets else None)
+        teacher_den = load_teacher(teacher, device)
+    else:
+        student_den = teacher.on(str(device)).load(cache=False)  # loaded afresh from a spec: this process's own
+        student_den = copy.deepcopy(student_den) if teacher.denoiser is not None else _move(student_den, device)
+        module = _module_of(student_den, teacher)  # never a caller's model (a `denoiser` source is copied)
+        attach_lora(module, rank=spec.lora_rank, alpha=spec.lora_alpha,
+                    targets=tuple(spec.lora_targets) if spec.lora_targets else None)
+        module.to(device).train(spec.dropout)
+        teacher_den = AdaptersOff(student_den, module)
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(module)
-    module.to(device).train(spec.dropout)
-    return RoundModels(AdaptersOff(den, module), den, module, lora=True)
+    return RoundModels(teacher_den, student_den, module, lora=spec.lora_rank is not None)

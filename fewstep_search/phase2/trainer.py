@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from fewstep_search.atomic import atomic_write_json
+from fewstep_search.atomic import atomic_path, atomic_write_json
 from fewstep_search.bank import Bank
 from fewstep_search.candidate import Candidate
 from fewstep_search.denoiser import is_conditional
@@ -171,7 +172,8 @@ def _finish(root: Path, summary: dict[str, Any], key: str, seconds: float) -> Fi
     path = ck.publish_model(root, weights)
     adapters = None if summary["checkpoint"] is None else Path(summary["checkpoint"]) / ck.ADAPTERS_FILE
     if adapters is not None and adapters.is_file():  # a LoRA round: its adapters go beside its merged weights
-        ck.save_state_dict(ck.load_state_dict_file(adapters), root / ck.ADAPTERS_FILE)
+        with atomic_path(root / ck.ADAPTERS_FILE) as tmp:
+            shutil.copyfile(adapters, tmp)
     result = FineTuneResult(
         checkpoint=path, history=list(state.history or []), stopped_reason=summary["stopped_reason"],
         seconds=state.seconds if state.history else seconds, initial=summary.get("initial") or state.initial,

@@ -61,6 +61,11 @@ class PipelineFolder:
         """Whether the pipeline's guidance is a second, unconditional pass (False: Flux's guidance embedding)."""
         return self.architecture != "flux"
 
+    def runs_unconditional(self, guidance_scale: float) -> bool:
+        """Whether the pipeline computes the negative prompt's half at this scale: with classifier-free guidance
+        above 1 (the pipelines skip it at 1 and below)."""
+        return self.uses_classifier_free_guidance and guidance_scale > 1.0
+
     @property
     def guidance_embedded(self) -> bool:
         """A guidance-distilled model (Flux dev): the guidance scale is an input of the network."""

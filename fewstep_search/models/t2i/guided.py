@@ -52,9 +52,10 @@ class PromptGuidance(nn.Module):
     """The prompt set's embeddings (non-persistent buffers) and the guidance that combines the two halves."""
 
     def __init__(self, embeddings: PromptEmbeddings, guidance_scale: float, *, cfg: bool) -> None:
+        """`cfg`: whether the pipeline runs the negative prompt's half (`PipelineFolder.runs_unconditional`)."""
         super().__init__()
         self.guidance_scale = float(guidance_scale)
-        self.cfg = bool(cfg) and self.guidance_scale > 1.0
+        self.cfg = bool(cfg)
         if self.cfg and embeddings.negative_embeds is None:
             raise ModelLoadError("the prompt embeddings hold no negative prompt, which guidance above 1 needs")
         for name, value in embeddings.tensors().items():
@@ -117,6 +118,16 @@ def _flux_call(transformer: nn.Module, guidance: float | None, x: Tensor, t: Ten
     return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+def _attach_prompts(den: nn.Module, folder: PipelineFolder, guidance: PromptGuidance, prompts: tuple[str, ...]
+                    ) -> None:
+    """What both guided denoisers advertise: the prompts as conditions (split by prompt in banks), the folder (its
+    VAE decodes pictures), and the guidance module."""
+    den.guidance = guidance
+    den.conditions = prompts
+    den.split_conditions = True
+    den.pipeline_root = str(folder.root)
+
+
 class GuidedUNetDenoiser(DiffusersUNetDenoiser):
     """A text-to-image UNet (SD 1.x / 2.x, SDXL) with its prompt set and guidance: `D(x, sigma, prompt index)`."""
 
@@ -126,11 +137,8 @@ class GuidedUNetDenoiser(DiffusersUNetDenoiser):
         super().__init__(unet, vp_from_scheduler_config(config, source=folder.root / "scheduler"),
                          prediction_type=str(config.get("prediction_type", "epsilon")), timestep_mode=timestep_mode,
                          name=str(folder.root))
-        self.guidance = guidance
-        self.conditions = prompts
+        _attach_prompts(self, folder, guidance, prompts)
         self.shape = shape
-        self.split_conditions = True
-        self.pipeline_root = str(folder.root)
         sdxl = folder.denoiser_config.get("addition_embed_type") == "text_time"
         time_ids = torch.tensor([[*pixels, 0, 0, *pixels]], dtype=torch.float32) if sdxl else None
         self.register_buffer("time_ids", time_ids, persistent=False)
@@ -151,10 +159,7 @@ class GuidedFlowDenoiser(FlowMatchDenoiser):
         lo, hi = trained_t_range(n_train)
         super().__init__(transformer, t_min=lo, t_max=hi, shift=float(config.get("shift", 1.0)),
                          timestep_scale=float(n_train), shape=shape, scheduler_config=config, name=str(folder.root))
-        self.guidance = guidance
-        self.conditions = prompts
-        self.split_conditions = True
-        self.pipeline_root = str(folder.root)
+        _attach_prompts(self, folder, guidance, prompts)
         self.flux = folder.architecture == "flux"
         self.embedded_guidance = guidance.guidance_scale if folder.guidance_embedded else None
 
@@ -193,7 +198,7 @@ def load_pipeline_denoiser(path: str | Path, embeddings: str | Path | PromptEmbe
     emb = embeddings if isinstance(embeddings, PromptEmbeddings) else load_prompt_embeddings(embeddings)
     if len(emb) != len(prompts):
         raise ModelLoadError(f"the prompt embeddings hold {len(emb)} prompts, the prompt set {len(prompts)}")
-    guidance = PromptGuidance(emb, guidance_scale, cfg=folder.uses_classifier_free_guidance)
+    guidance = PromptGuidance(emb, guidance_scale, cfg=folder.runs_unconditional(guidance_scale))
     net = _load_network(folder, device=device, dtype=dtype)
     den: Any
     if folder.family == "vp":

@@ -42,8 +42,7 @@ def pipeline_options(path: str | Path, options: Mapping[str, Any], *, prompts_fi
                          "leave it out")
     prompts = read_prompt_file(prompts_file)
     target = cache if cache is not None else default_prompt_cache(folder.root, prompts, negative_prompt)
-    cfg = folder.uses_classifier_free_guidance and guidance_scale > 1.0
-    embeddings = cached_prompt_embeddings(target, folder, prompts, negative_prompt=negative_prompt, cfg=cfg,
-                                          device=device, note=note)
+    embeddings = cached_prompt_embeddings(target, folder, prompts, negative_prompt=negative_prompt,
+                                          cfg=folder.runs_unconditional(guidance_scale), device=device, note=note)
     return {**options, "conditions": prompts, "guidance_scale": float(guidance_scale),
             "prompt_embeddings": str(embeddings)}
